@@ -1,0 +1,158 @@
+"""DCGAN's networks (Radford, Metz & Chintala 2015, arXiv 1511.06434, §3 and Fig. 1),
+their initialisation (§4), and sampling from a checkpoint.
+
+    python model.py runs/RUN --num 64 --out grid.png      # one grid
+    python model.py runs/RUN --num 500 --out samples/ --single   # 500 PNG files
+
+The §3 guidelines, each visible below: strided convolutions instead of pooling,
+batch norm in both networks except G's output and D's input layer, no hidden
+fully connected layers, ReLU in G with tanh at the output, LeakyReLU in D.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+Z_DIM = 100  # Fig. 1: "a 100 dimensional uniform distribution Z"
+WIDTH = 128  # Fig. 1: G's last hidden layer has 128 channels (1024 at 4x4 for 64 px)
+
+
+def sample_z(n, z_dim=Z_DIM, device="cpu"):
+    """Fig. 1: z ~ U(-1, 1)^100 (official code: np_rng.uniform(-1., 1.))."""
+    return torch.rand(n, z_dim, device=device) * 2 - 1
+
+
+def up(in_channels, out_channels):
+    """Fig. 1: a 5x5 fractionally-strided convolution that exactly doubles height and width.
+
+    No bias: batch norm's shift replaces it, and the official code uses none.
+    """
+    return nn.ConvTranspose2d(in_channels, out_channels, 5, stride=2, padding=2, output_padding=1, bias=False)
+
+
+def down(in_channels, out_channels):
+    """§3: a 5x5 stride-2 convolution in place of pooling; it exactly halves height and width."""
+    return nn.Conv2d(in_channels, out_channels, 5, stride=2, padding=2, bias=False)
+
+
+def stages(image_size):
+    """Stride-2 layers between 4x4 and the image: 4 at 64 px (Fig. 1), 3 at 32 px."""
+    if image_size not in (32, 64):
+        raise ValueError(f"image size must be 32 or 64, got {image_size}")
+    return int(math.log2(image_size)) - 2
+
+
+class Generator(nn.Module):
+    """Fig. 1: z -> project and reshape to 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128 -> 64x64xC."""
+
+    def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, width=WIDTH):
+        super().__init__()
+        n = stages(image_size)
+        top = width * 2 ** (n - 1)
+        self.top = top
+        # Fig. 1 "project and reshape"; batch norm on the projected vector (official code)
+        self.project = nn.Sequential(nn.Linear(z_dim, top * 4 * 4, bias=False), nn.BatchNorm1d(top * 4 * 4), nn.ReLU())
+        layers = []
+        for i in range(n - 1):
+            c = top // 2 ** i
+            layers += [up(c, c // 2), nn.BatchNorm2d(c // 2), nn.ReLU()]
+        # §3: no batch norm on G's output layer, and tanh there
+        layers += [up(width, channels), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.project(z).view(-1, self.top, 4, 4))
+
+
+class Discriminator(nn.Module):
+    """Official code (the paper gives no widths): C -> 128 -> 256 -> 512 -> 1024 at 4x4 -> 1 logit.
+
+    Returns logits; the sigmoid lives in the loss (BCEWithLogitsLoss), which is
+    numerically stable where sigmoid + log is not.
+    """
+
+    def __init__(self, image_size=64, channels=3, width=WIDTH):
+        super().__init__()
+        n = stages(image_size)
+        # §3: no batch norm on D's input layer
+        layers = [down(channels, width), nn.LeakyReLU(0.2)]
+        for i in range(n - 1):
+            c = width * 2 ** i
+            layers += [down(c, 2 * c), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+        # §3: no hidden fully connected layer; the last conv features are flattened into one logit
+        self.logit = nn.Linear(width * 2 ** (n - 1) * 4 * 4, 1, bias=False)
+
+    def forward(self, x):
+        return self.logit(self.net(x).flatten(1)).squeeze(1)
+
+
+def init_weights(module):
+    """§4: weights ~ N(0, 0.02); batch norm gamma ~ N(1, 0.02), beta = 0 (official code)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def sample(G, z):
+    """G(z) in eval mode (batch norm uses its running statistics and updates none), in [-1, 1]."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or the run folder that holds checkpoints/last.pt."""
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+def load_generator(path, device="cpu"):
+    """The generator of a checkpoint written by train.py, in eval mode."""
+    checkpoint = torch.load(checkpoint_path(path), map_location=device, weights_only=False)
+    args = checkpoint["args"]
+    G = Generator(args["image_size"], args["channels"], width=args["width"]).to(device)
+    G.load_state_dict(checkpoint["G"])
+    return G.eval()
+
+
+def main(argv=None):
+    import torchvision.utils as vutils
+
+    parser = argparse.ArgumentParser(description="Sample images from a DCGAN checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoints/last.pt, or the run folder that holds it")
+    parser.add_argument("--num", type=int, default=64, help="how many images (default: 64)")
+    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
+    parser.add_argument("--single", action="store_true", help="write NUM separate PNG files into --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+    if not checkpoint_path(args.checkpoint).is_file():
+        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint)}")
+
+    torch.manual_seed(args.seed)
+    G = load_generator(args.checkpoint, args.device)
+    images = sample(G, sample_z(args.num, device=args.device)).add(1).div(2)
+    out = Path(args.out)
+    if args.single:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            vutils.save_image(image, out / f"{i:05d}.png")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vutils.save_image(images, out, nrow=int(math.ceil(math.sqrt(args.num))), padding=2)
+    print(f"wrote {args.num} samples to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
