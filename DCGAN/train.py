@@ -239,7 +239,7 @@ def main(argv=None):
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    writer = SummaryWriter(out, purge_step=step if checkpoint is not None else None)
+    writer = SummaryWriter(out, purge_step=step + 1 if checkpoint is not None else None)
     print(f"DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x{args.channels}) "
           f"on {device}: steps {step} -> {total} ({batches.per_epoch} per epoch); run folder {out}")
 
