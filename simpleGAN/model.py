@@ -1,0 +1,160 @@
+"""The networks of the MNIST experiment of Goodfellow et al. 2014 (arXiv 1406.2661, §5),
+their initialisation, and sampling from a checkpoint.
+
+    python model.py runs/RUN --num 100 --out grid.png          # one 10x10 grid
+    python model.py runs/RUN --num 500 --out samples/ --single  # 500 PNG files
+
+§5: "The generator nets used a mixture of rectifier linear activations and sigmoid
+activations, while the discriminator net used maxout activations. Dropout was applied
+in training the discriminator net." Noise enters G only at its bottom layer. The
+widths, the noise and the initialisation are the official code's (goodfeli/adversarial,
+mnist.yaml): the paper does not print them.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+Z_DIM = 100  # official code, mnist.yaml: G's nvis = 100
+G_WIDTH = 1200  # official code, mnist.yaml: G's two RectifiedLinear layers, dim 1200
+D_WIDTH = 240  # official code, mnist.yaml: D's two Maxout layers, num_units 240
+PIECES = 5  # official code, mnist.yaml: num_pieces 5
+PIXELS = 28 * 28
+
+
+def sample_z(n, z_dim=Z_DIM, device="cpu", generator=None):
+    """z ~ U(-sqrt 3, sqrt 3)^100: zero mean, unit variance (official code: noise 'uniform' in mnist.yaml)."""
+    return (torch.rand(n, z_dim, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
+
+
+class Maxout(nn.Module):
+    """Maxout units (Goodfellow et al. 2013): each of `units` outputs is the max of `pieces` linear pieces.
+
+    The pieces of unit j are the consecutive linear outputs j*pieces ... j*pieces + pieces - 1,
+    as pylearn2's Maxout layer groups them.
+    """
+
+    def __init__(self, in_features, units, pieces=PIECES):
+        super().__init__()
+        self.units, self.pieces = units, pieces
+        self.linear = nn.Linear(in_features, units * pieces)
+
+    def forward(self, x):
+        return self.linear(x).view(-1, self.units, self.pieces).amax(-1)
+
+
+class Generator(nn.Module):
+    """z (100) -> 1200 ReLU -> 1200 ReLU -> 784 sigmoid, reshaped to a 1x28x28 image in [0, 1]."""
+
+    def __init__(self, z_dim=Z_DIM, width=G_WIDTH):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, width), nn.ReLU(),
+            nn.Linear(width, width), nn.ReLU(),
+            nn.Linear(width, PIXELS), nn.Sigmoid())
+
+    def forward(self, z):
+        return self.net(z).view(-1, 1, 28, 28)
+
+
+class Discriminator(nn.Module):
+    """x (784) -> maxout 240x5 -> maxout 240x5 -> 1 logit, with dropout on every layer's input (§5).
+
+    Dropout (official code, AdversaryCost2 in mnist.yaml): keep-probability 0.8 on the
+    pixels, 0.5 on both hidden layers, with inverted scaling (pylearn2's input_scales
+    1.25 and 2). nn.Dropout is inactive in eval mode, so D is deterministic there.
+    Returns logits; the sigmoid lives in the loss (BCEWithLogitsLoss).
+    """
+
+    def __init__(self, width=D_WIDTH, pieces=PIECES):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(0.2), Maxout(PIXELS, width, pieces),
+            nn.Dropout(0.5), Maxout(width, width, pieces),
+            nn.Dropout(0.5), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x.flatten(1)).squeeze(1)
+
+
+def init_generator(G, pixel_means):
+    """Official code, mnist.yaml: weights U(-0.05, 0.05) (irange .05), biases 0, and the output
+    bias sigmoid^-1 of the training data's pixel means (init_sigmoid_bias_from_marginals),
+    so that the untrained G already draws the average digit. Means are clipped to
+    [1e-7, 1 - 1e-7] as pylearn2 does: MNIST's corner pixels are always 0."""
+    for m in G.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.uniform_(m.weight, -0.05, 0.05)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        G.net[-2].bias.copy_(torch.logit(pixel_means.flatten().double().clamp(1e-7, 1 - 1e-7)))
+
+
+def init_discriminator(D):
+    """Official code, mnist.yaml: weights U(-0.005, 0.005) (irange .005), biases 0."""
+    for m in D.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.uniform_(m.weight, -0.005, 0.005)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def sample(G, z):
+    """G(z) in eval mode, images in [0, 1]; the mode G was in is restored."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or the run folder that holds checkpoints/last.pt."""
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+def load_generator(path, device="cpu"):
+    """The generator of a checkpoint written by train.py, in eval mode."""
+    checkpoint = torch.load(checkpoint_path(path), map_location=device, weights_only=False)
+    args = checkpoint["args"]
+    G = Generator(args["z_dim"], args["g_width"]).to(device)
+    G.load_state_dict(checkpoint["G"])
+    return G.eval()
+
+
+def main(argv=None):
+    import torchvision.utils as vutils
+
+    parser = argparse.ArgumentParser(description="Sample images from a simpleGAN checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoints/last.pt, or the run folder that holds it")
+    parser.add_argument("--num", type=int, default=100, help="how many images (default: 100)")
+    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
+    parser.add_argument("--single", action="store_true", help="write NUM separate PNG files into --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+    if not checkpoint_path(args.checkpoint).is_file():
+        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint)}")
+
+    torch.manual_seed(args.seed)
+    G = load_generator(args.checkpoint, args.device)
+    images = sample(G, sample_z(args.num, G.net[0].in_features, device=args.device))
+    out = Path(args.out)
+    if args.single:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            vutils.save_image(image, out / f"{i:05d}.png")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vutils.save_image(images, out, nrow=int(math.ceil(math.sqrt(args.num))), padding=2)
+    print(f"wrote {args.num} samples to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
