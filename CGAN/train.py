@@ -368,9 +368,10 @@ def main(argv=None):
                 "args": vars(args)}
 
     def check_finite():
-        """Stop, keeping the last good checkpoint, if a loss or a weight has become NaN or Inf."""
+        """Stop, keeping the last good checkpoint, if a loss, a weight or a buffer has become NaN or Inf."""
         bad_step = first_bad_step.item()
-        if bad_step < 0 and not torch.stack([p.isfinite().all() for p in [*G.parameters(), *D.parameters()]]).all():
+        tensors = [t for t in [*G.parameters(), *D.parameters(), *G.buffers(), *D.buffers()] if t.is_floating_point()]
+        if bad_step < 0 and not torch.stack([t.isfinite().all() for t in tensors]).all():
             bad_step = step
         if bad_step >= 0:
             writer.close()
