@@ -9,7 +9,6 @@ Fast path: a split is decoded once into a uint8 image tensor (N, 1, H, W) and an
 label tensor (N,), both kept on the training device. Batches are drawn by a fresh
 permutation each epoch and scaled on the device, so the training loop does no per-image work.
 """
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

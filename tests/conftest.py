@@ -8,9 +8,11 @@ MNIST under ../shared/data when it exists, else on a tiny MNIST made here.
 import functools
 import importlib.util
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +59,46 @@ def assert_clean_error(result, *words):
     assert "error:" in result.stderr, result.stderr
     for word in words:
         assert word in result.stderr, (word, result.stderr)
+
+
+def sigterm_then_resume(folder, run, *args):
+    """Start `train.py ARGS --out RUN`, send SIGTERM once it has written a sample grid, and check that it
+    exits with 128 + SIGTERM leaving a checkpoint that --resume continues by one step."""
+    process = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--out", str(run)], cwd=ROOT / folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run / "samples").glob("*.png")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    step = load_checkpoint(run)["step"]
+    assert step >= 1
+    result = run_train(folder, "--resume", run, "--max-steps", step + 1)
+    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1, result.stderr[-2000:]
+
+
+def main_with_poisoned_loss(train, step_function, poisoned_call, *args):
+    """Run `train.main(ARGS)` in-process with the loss returned by `train.STEP_FUNCTION` made Inf on its
+    POISONED_CALL-th call; returns the exit code. (A diverging learning rate would fail at a step that depends
+    on the data.) The signal handlers that main installs are restored afterwards."""
+    real_step, calls = getattr(train, step_function), []
+
+    def poisoned_step(*step_args):
+        calls.append(1)
+        loss = real_step(*step_args)
+        return loss * float("inf") if len(calls) == poisoned_call else loss
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    setattr(train, step_function, poisoned_step)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main([str(arg) for arg in args])
+    finally:
+        setattr(train, step_function, real_step)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return stopped.value.code
 
 
 def scalar_tags(run_dir):

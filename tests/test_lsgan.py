@@ -1,9 +1,7 @@
 """LSGAN/: the least squares losses, a D without sigmoid, the figure's shapes, and train.py run as a user runs it."""
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -11,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, main_with_poisoned_loss, run_train,
+                      scalar_tags, sigterm_then_resume)
 
 lsgan = load_folder("LSGAN")
 QUICK = ["--image-size", 32, "--width", 8, "--device", "cpu"]
@@ -267,44 +266,17 @@ def test_sampling_command_writes_a_grid_and_single_images(mnist_root, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
+    sigterm_then_resume("LSGAN", tmp_path / "run", "--dataset", "mnist", "--data-root", mnist_root,
+                        "--batch-size", 4, "--sample-every", 1, *QUICK)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys):
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", "--dataset", "mnist", "--data-root", str(mnist_root),
-                                "--batch-size", "4", "--sample-every", "1", "--out", str(run), *map(str, QUICK)],
-                               cwd=ROOT / "LSGAN", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((run / "samples").glob("*.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    step = load_checkpoint(run)["step"]
-    assert step >= 1
-    result = run_train("LSGAN", "--resume", run, "--max-steps", step + 1)
-    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch,
-                                                                           capsys):
-    run = tmp_path / "run"
-    real_step, calls = lsgan.train.generator_step, []
-
-    def poisoned_step(*args):  # G's loss becomes Inf at step 3
-        calls.append(1)
-        loss = real_step(*args)
-        return loss * float("inf") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(lsgan.train, "generator_step", poisoned_step)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            lsgan.train.main(["--dataset", "mnist", "--data-root", str(mnist_root), "--max-steps", "10",
-                              "--batch-size", "4", "--log-every", "1", "--checkpoint-every", "1", "--out", str(run),
-                              *map(str, QUICK)])
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    code = main_with_poisoned_loss(lsgan.train, "generator_step", 3, "--dataset", "mnist", "--data-root", mnist_root,
+                                   "--max-steps", 10, "--batch-size", 4, "--log-every", 1, "--checkpoint-every", 1,
+                                   "--out", run, *QUICK)
     stderr = capsys.readouterr().err
-    assert stopped.value.code == 1
+    assert code == 1
     assert "NaN or Inf at step 3" in stderr and "Traceback" not in stderr
     checkpoint = load_checkpoint(run)
     assert checkpoint["step"] == 2

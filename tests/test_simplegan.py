@@ -3,17 +3,16 @@ Table 1, and train.py run as a user runs it."""
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags,
+                      sigterm_then_resume)
 
 gan = load_folder("simpleGAN")
 QUICK = ["--g-width", 32, "--d-width", 16, "--batch-size", 10, "--device", "cpu"]
@@ -312,20 +311,7 @@ def test_resumed_run_matches_uninterrupted_run_with_k_fresh_minibatches(mnist_ro
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", "--data-root", str(mnist_root), "--sample-every", "1",
-                                "--out", str(run), *map(str, QUICK)],
-                               cwd=ROOT / "simpleGAN", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((run / "samples").glob("*.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    step = load_checkpoint(run)["step"]
-    assert step >= 1
-    result = run_train("simpleGAN", "--resume", run, "--max-steps", step + 1)
-    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1
+    sigterm_then_resume("simpleGAN", tmp_path / "run", "--data-root", mnist_root, "--sample-every", 1, *QUICK)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path):

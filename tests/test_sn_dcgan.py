@@ -3,10 +3,8 @@ settings, and train.py run as a user runs it."""
 import copy
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags,
+                      sigterm_then_resume)
 
 sn_dcgan = load_folder("SN-DCGAN")
 model, train = sn_dcgan.model, sn_dcgan.train
@@ -277,20 +276,8 @@ def test_resumed_run_matches_uninterrupted_run(mnist_root, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", "--dataset", "mnist", "--data-root", str(mnist_root),
-                                "--batch-size", "4", "--sample-every", "1", "--out", str(run), *map(str, QUICK)],
-                               cwd=ROOT / "SN-DCGAN", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((run / "samples").glob("*.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    step = load_checkpoint(run)["step"]
-    assert step >= 1
-    result = run_train("SN-DCGAN", "--resume", run, "--max-steps", step + 1)
-    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1
+    sigterm_then_resume("SN-DCGAN", tmp_path / "run", "--dataset", "mnist", "--data-root", mnist_root,
+                        "--batch-size", 4, "--sample-every", 1, *QUICK)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path):

@@ -6,14 +6,14 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags,
+                      sigterm_then_resume)
 
 wgan_gp = load_folder("WGAN-GP")
 QUICK = ["--width", 4, "--device", "cpu"]
@@ -300,20 +300,8 @@ def test_resumed_run_matches_uninterrupted_run(mnist_root, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", "--dataset", "mnist", "--data-root", str(mnist_root),
-                                "--batch-size", "4", "--sample-every", "1", "--out", str(run), *map(str, QUICK)],
-                               cwd=ROOT / "WGAN-GP", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((run / "samples").glob("*.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    step = load_checkpoint(run)["step"]
-    assert step >= 1
-    result = run_train("WGAN-GP", "--resume", run, "--max-steps", step + 1)
-    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1
+    sigterm_then_resume("WGAN-GP", tmp_path / "run", "--dataset", "mnist", "--data-root", mnist_root,
+                        "--batch-size", 4, "--sample-every", 1, *QUICK)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch,
