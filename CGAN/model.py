@@ -129,15 +129,20 @@ def sample(G, z, labels, dropout=False):
     return images
 
 
-def checkpoint_path(path):
-    """A checkpoint file, or the run folder that holds checkpoints/last.pt."""
+def checkpoint_path(path, best=False):
+    """A checkpoint file, or the run folder that holds it: checkpoints/last.pt, or with best=True the
+    validation-selected checkpoints/best.pt when the run kept one."""
     path = Path(path)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if best and (path / "checkpoints" / "best.pt").is_file():
+        return path / "checkpoints" / "best.pt"
+    return path / "checkpoints" / "last.pt"
 
 
 def load_generator(path, device="cpu"):
-    """The generator of a checkpoint written by train.py, in eval mode."""
-    checkpoint = torch.load(checkpoint_path(path), map_location=device, weights_only=False)
+    """The generator of a checkpoint written by train.py (a run folder: its best.pt if kept, else last.pt)."""
+    checkpoint = torch.load(checkpoint_path(path, best=True), map_location=device, weights_only=False)
     args = checkpoint["args"]
     G = Generator(args["z_dim"], CLASSES, args["image_size"], args["dropout"]).to(device)
     G.load_state_dict(checkpoint["G"])
@@ -148,15 +153,16 @@ def main(argv=None):
     import torchvision.utils as vutils
 
     parser = argparse.ArgumentParser(description="Sample digits from a conditional GAN checkpoint.")
-    parser.add_argument("checkpoint", help="checkpoints/last.pt, or the run folder that holds it")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
     parser.add_argument("--digit", type=int, default=None,
                         help="draw only this class (0-9); default: one row per digit, 0 to 9")
     parser.add_argument("--num", type=int, default=None,
                         help="images of --digit (default 64), or images per row of the per-digit grid (default 10)")
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write separate PNG files into --out")
-    parser.add_argument("--sampling-dropout", action="store_true",
-                        help="keep G's dropout on, as train.py --evaluate --sampling-dropout does")
+    parser.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep G's dropout on, as in training and in train.py's grids and --evaluate "
+                             "(default: on; --no-sampling-dropout samples in eval mode)")
     parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -164,8 +170,8 @@ def main(argv=None):
         parser.error("--num must be at least 1")
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
-    if not checkpoint_path(args.checkpoint).is_file():
-        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint)}")
+    if not checkpoint_path(args.checkpoint, best=True).is_file():
+        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint, best=True)}")
 
     torch.manual_seed(args.seed)
     G = load_generator(args.checkpoint, args.device)

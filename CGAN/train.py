@@ -12,10 +12,12 @@ from 0.5 to 0.7, dropout 0.5 in both networks and z ~ U[0, 1]^100.
     python train.py --evaluate runs/RUN               # the paper's Parzen-window log-likelihood (Table 1)
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -36,14 +38,14 @@ from model import (CLASSES, D_IRANGE, DROPOUT, G_IRANGE, IMAGE_SIZE, Z_DIM, Disc
                    checkpoint_path, grid_inputs, init_output_bias, init_weights, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
+FOLDER, FORMAT = "CGAN", 1  # written into every checkpoint, checked when one is read
 PER_ROW = 10  # the fixed grid: 10 rows (digits 0 to 9) of 10 samples, one z per column
 SAMPLES_PER_CLASS = 1000  # §4.1: "1000 samples were drawn from each 10 class"
-SIGMAS = np.logspace(-1, 0, 10)  # official GAN code, parzen_ll.py: sigma searched over logspace(-1, 0, 10)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
 RESUMABLE = {"resume", "data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
-             "evaluate_at_end"}
+             "evaluate_at_end", "select_every"}
 # Flags that may be given with --evaluate; the data set and the networks are the run's own.
-EVALUATE = {"evaluate", "data_root", "device", "sampling_dropout"}
+EVALUATE = {"evaluate", "data_root", "device", "seed", "sampling_dropout", "parzen_per_class", "parzen_valid"}
 
 
 def build_parser():
@@ -74,12 +76,23 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
+    p.add_argument("--select-every", type=int, default=5, metavar="EPOCHS",
+                   help="every EPOCHS epochs, log the validation split's Parzen log-likelihood and keep the best "
+                        "weights as checkpoints/best.pt; §4.1: 'Best estimate of log-likelihood on the validation "
+                        "set was used as stopping point' (0: off)")
     p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="print the Parzen-window log-likelihood of the test set (§4.1, Table 1) and exit")
+                   help="print the Parzen-window log-likelihood of the test set (§4.1, Table 1) and exit; a run "
+                        "folder means its validation-selected checkpoints/best.pt, or last.pt if it kept none")
     p.add_argument("--evaluate-at-end", action="store_true", help="the same evaluation when training ends")
-    p.add_argument("--sampling-dropout", action="store_true",
-                   help="draw the Parzen samples with G's dropout on; the paper does not say whether it did "
-                        "(the official GAN code's IntrinsicDropoutGenerator keeps it on)")
+    p.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw samples (grids, Parzen window) with G's dropout on, as D saw G's samples in training; "
+                        "the GAN paper (§5) treats such dropout as G's noise, and the official GAN code's "
+                        "IntrinsicDropoutGenerator keeps it on when sampling. --no-sampling-dropout: eval mode")
+    p.add_argument("--parzen-per-class", action="store_true",
+                   help="score each image under the window of its own class's 1,000 samples, log p(x|y); "
+                        "default: §4.1's one window fitted to all 10,000 samples, log p(x), as in Table 1")
+    p.add_argument("--parzen-valid", type=int, default=1000,
+                   help="validation images used to choose sigma; official GAN code, parzen_ll.py: limit_size 1000")
     p.add_argument("--sample-every", type=int, default=500, help="steps between fixed-noise sample grids")
     p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
@@ -96,7 +109,7 @@ def parse_args(argv):
     if args.resume or args.evaluate:
         flag, allowed, value = ("--resume", RESUMABLE, args.resume) if args.resume else (
             "--evaluate", EVALUATE, args.evaluate)
-        path = checkpoint_path(value)
+        path = checkpoint_path(value, best=flag == "--evaluate")
         if not path.is_file():
             parser.error(f"{flag} {value}: no checkpoint at {path}")
         try:
@@ -119,11 +132,13 @@ def parse_args(argv):
 
 def check_args(parser, args):
     for name in ("batch_size", "z_dim", "epochs", "image_size", "valid_size", "momentum_saturate",
-                 "sample_every", "log_every", "checkpoint_every"):
+                 "sample_every", "log_every", "checkpoint_every", "parzen_valid"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.select_every < 0:
+        parser.error(f"--select-every must be 0 (off) or a number of epochs, got {args.select_every}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if not 0 < args.min_lr <= args.lr:
@@ -173,6 +188,18 @@ def save_checkpoint(path, state):
     os.replace(temporary, path)
 
 
+def restore_best(out, checkpoint):
+    """A kill between writing last.pt and best.pt at a new best leaves best.pt behind: rewrite it from last.pt."""
+    best, path = checkpoint.get("best"), out / "checkpoints" / "best.pt"
+    if best is not None and best["step"] == checkpoint["step"]:
+        try:
+            stale = torch.load(path, map_location="cpu", weights_only=False)["step"] != best["step"]
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
+            stale = True
+        if stale:
+            save_checkpoint(path, checkpoint)
+
+
 def write_gif(samples_dir, path, max_frames=100):
     frames = sorted(samples_dir.glob("step_*.png"))
     if frames:
@@ -201,9 +228,11 @@ def learning_rate(step, args):
 
 
 def momentum(epoch, args):
-    """§4.1: momentum "with initial value of .5 which was increased up to 0.7"; the paper gives no
-    schedule, so it rises linearly over the first 250 epochs, set once per epoch (official GAN code)."""
-    return args.momentum + (args.final_momentum - args.momentum) * min(epoch / args.momentum_saturate, 1.0)
+    """§4.1: momentum "with initial value of .5 which was increased up to 0.7"; the paper gives no schedule,
+    so it follows the GAN's (official GAN code, MomentumAdjustor start 1, saturate 250): linear in the epoch,
+    0.5 in the first epoch (epoch 0), 0.7 from epoch 249 (the 250th) on, set once per epoch."""
+    alpha = min(epoch / (args.momentum_saturate - 1), 1.0) if args.momentum_saturate > 1 else 1.0
+    return args.momentum + (args.final_momentum - args.momentum) * alpha
 
 
 def discriminator_step(G, D, opt_D, x, y, z):
@@ -235,46 +264,81 @@ def generator_step(G, D, opt_G, z, y):
     return loss.detach()
 
 
+# >>> copied: parzen >>>
+# GAN paper §5, official code parzen_ll.py: sigma is chosen from numpy.logspace(-1, 0, 10)
+SIGMAS = tuple(10 ** np.linspace(-1, 0, 10))
+
+
 @torch.no_grad()
-def parzen_log_likelihood(x, samples, sigmas, chunk=500):
-    """log p(x) under a Gaussian Parzen window on `samples`, for each sigma: a (len(sigmas), len(x)) tensor.
+def parzen_log_likelihoods(x, samples, sigmas, chunk=1000):
+    """GAN paper §5: log p(x) in nats under a Gaussian Parzen window, one row per sigma, one column per point.
 
-    GAN paper §5 (official code, parzen_ll.py): p(x) = mean_j N(x; sample_j, sigma^2 I), so
-    log p(x) = logsumexp_j(-|x - sample_j|^2 / (2 sigma^2)) - log M - d log(sigma sqrt(2 pi)).
-    The squared distances come from one matrix product per chunk of x, in float64.
+    p(x) = 1/N sum_i N(x; samples_i, sigma^2 I), so
+    log p(x) = logsumexp_i(-|x - samples_i|^2 / (2 sigma^2)) - log N - d log(sigma sqrt(2 pi)).
+    The squared distances of a chunk of x to all samples are one matrix product, shared by every sigma.
     """
-    x, mu = x.flatten(1).double(), samples.flatten(1).double()
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device).view(-1, 1, 1)
-    mu_norms = mu.square().sum(1)
-    parts = []
+    x, samples = x.flatten(1).float(), samples.flatten(1).float()
+    n, d = samples.shape
+    samples_sq = samples.square().sum(1)
+    out = []
     for part in x.split(chunk):
-        distances = (part.square().sum(1, keepdim=True) - 2 * part @ mu.T + mu_norms).clamp_(min=0)
-        parts.append(torch.logsumexp(-distances / (2 * sigmas ** 2), dim=2))
-    d = x.shape[1]
-    return torch.cat(parts, dim=1) - math.log(len(mu)) - d * torch.log(sigmas.view(-1, 1) * math.sqrt(2 * math.pi))
+        distances = (part.square().sum(1, keepdim=True) + samples_sq - 2 * part @ samples.T).clamp_min_(0)
+        out.append(torch.stack([torch.logsumexp(distances / (-2 * s * s), 1) for s in sigmas]))
+    log_norm = torch.tensor([math.log(n) + d * math.log(s * math.sqrt(2 * math.pi)) for s in sigmas])
+    return torch.cat(out, 1).double() - log_norm.double().to(x.device)[:, None]
 
 
-def conditional_parzen_log_likelihood(x, labels, samples, sample_labels, sigmas):
-    """§4.1: each point's log-likelihood under the Parzen window of the samples of its own class."""
+def choose_sigma(valid_log_likelihoods, sigmas=SIGMAS):
+    """GAN paper §5: "The sigma parameter of the Gaussians was obtained by cross validation on the validation
+    set": of the rows (one per sigma) of the validation images' log-likelihoods, the sigma whose mean is
+    highest (official code, parzen_ll.py)."""
+    return sigmas[valid_log_likelihoods.mean(1).argmax().item()]
+
+
+def mean_and_stderr(log_p):
+    """Table 1: the mean over the test images and its standard error, std / sqrt(n) with numpy's default
+    ddof = 0 (official code, parzen_ll.py: ll.std() / numpy.sqrt(n))."""
+    return log_p.mean().item(), log_p.std(unbiased=False).item() / math.sqrt(len(log_p))
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Draws inside come from their own seeded stream; the training's RNG streams are left untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+# <<< copied: parzen <<<
+
+
+def draw_samples(G, args, device):
+    """§4.1: "1000 samples were drawn from each 10 class", z (and G's dropout masks) seeded by --seed."""
+    labels = torch.arange(CLASSES, device=device).repeat_interleave(SAMPLES_PER_CLASS)
+    with seeded(args.seed, device):
+        return sample(G, sample_z(len(labels), args.z_dim, device), labels, args.sampling_dropout), labels
+
+
+def log_likelihoods(x, labels, samples, sample_labels, sigmas, per_class):
+    """§4.1: "a Gaussian Parzen window was fitted to these samples": one window on all 10,000 samples, log p(x),
+    the quantity Table 1 compares with the GAN's. per_class: each point under its own class's window, log p(x|y)."""
+    if not per_class:
+        return parzen_log_likelihoods(x, samples, sigmas)
     out = torch.empty(len(sigmas), len(x), dtype=torch.float64, device=x.device)
     for c in labels.unique():
         mine = labels == c
-        out[:, mine] = parzen_log_likelihood(x[mine], samples[sample_labels == c], sigmas)
+        out[:, mine] = parzen_log_likelihoods(x[mine], samples[sample_labels == c], sigmas)
     return out
 
 
-def parzen_evaluation(G, valid, test, args, device):
-    """§4.1 / Table 1: 1,000 samples of each class; sigma chosen on the validation split from
-    logspace(-1, 0, 10); the mean test log-likelihood and its standard error (std / sqrt(n))."""
-    sample_labels = torch.arange(CLASSES, device=device).repeat_interleave(SAMPLES_PER_CLASS)
-    with torch.random.fork_rng():  # the same samples every time, and the training's RNG stream untouched
-        torch.manual_seed(args.seed)
-        samples = sample(G, sample_z(len(sample_labels), args.z_dim, device), sample_labels, args.sampling_dropout)
-    (valid_x, valid_y), (test_x, test_y) = [(to_unit(x.to(device)), y.to(device)) for x, y in (valid, test)]
-    valid_ll = conditional_parzen_log_likelihood(valid_x, valid_y, samples, sample_labels, SIGMAS).mean(1)
-    sigma = float(SIGMAS[valid_ll.argmax()])
-    test_ll = conditional_parzen_log_likelihood(test_x, test_y, samples, sample_labels, [sigma])[0]
-    return test_ll.mean().item(), (test_ll.std() / math.sqrt(len(test_ll))).item(), sigma
+@torch.no_grad()
+def parzen_estimate(G, valid, points, args, device):
+    """Table 1's protocol (official GAN code, parzen_ll.py): sigma chosen on the first --parzen-valid validation
+    images, then the mean and standard error of the log-likelihood of `points` (the test set; the validation
+    split for --select-every), and sigma. valid and points are pairs (images in [0, 1], labels)."""
+    samples, sample_labels = draw_samples(G, args, device)
+    valid_x, valid_y = valid[0][:args.parzen_valid], valid[1][:args.parzen_valid]
+    sigma = choose_sigma(log_likelihoods(valid_x, valid_y, samples, sample_labels, SIGMAS, args.parzen_per_class))
+    log_p = log_likelihoods(*points, samples, sample_labels, [sigma], args.parzen_per_class)[0]
+    return (*mean_and_stderr(log_p), sigma)
 
 
 def pick_device(args):
@@ -282,27 +346,35 @@ def pick_device(args):
                         else "cpu" if args.device == "auto" else args.device)
 
 
-def load_evaluation_data(args):
-    """The validation split (for sigma) and the test set, as uint8 images and labels."""
+def load_evaluation_data(args, device):
+    """The validation split (train[50000:60000]) and the test set: images in [0, 1] and labels, on the device."""
     images, labels = load_labelled(args.dataset, args.data_root, args.image_size, train=True)
     _, valid = split_validation(images, labels, args.valid_size)
-    return valid, load_labelled(args.dataset, args.data_root, args.image_size, train=False)
+    test = load_labelled(args.dataset, args.data_root, args.image_size, train=False)
+    return [(to_unit(x.to(device)), y.to(device)) for x, y in (valid, test)]
+
+
+def report(mean, stderr, sigma):
+    print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4g})")
 
 
 def evaluate(args, checkpoint):
     """python train.py --evaluate RUN: the Parzen-window log-likelihood of the test set, printed."""
     device = pick_device(args)
     try:
-        valid, test = load_evaluation_data(args)
+        valid, test = load_evaluation_data(args, device)
     except DataError as error:
         fail(error)
     G = Generator(args.z_dim, CLASSES, args.image_size, args.dropout).to(device)
     G.load_state_dict(checkpoint["G"])
     started = time.perf_counter()
-    mean, stderr, sigma = parzen_evaluation(G, valid, test, args, device)
-    print(f"checkpoint at step {checkpoint['step']}; {len(test[0])} test images, {SAMPLES_PER_CLASS} samples "
-          f"per class, G's dropout {'on' if args.sampling_dropout else 'off'}; {time.perf_counter() - started:.1f} s")
-    print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4g})")
+    mean, stderr, sigma = parzen_estimate(G, valid, test, args, device)
+    best = checkpoint.get("best")
+    selected = f", selected on validation (log-likelihood {best['score']:.2f})" if best else ""
+    print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}{selected}; {len(test[0])} test "
+          f"images; {SAMPLES_PER_CLASS} samples per class, G's dropout {'on' if args.sampling_dropout else 'off'}, "
+          f"{'one window per class' if args.parzen_per_class else 'one window'}; {time.perf_counter() - started:.1f} s")
+    report(mean, stderr, sigma)
     return 0
 
 
@@ -329,7 +401,7 @@ def main(argv=None):
         images, labels = load_labelled(args.dataset, args.data_root, args.image_size)
         (train_images, train_labels), _ = split_validation(images, labels, args.valid_size)
         batches = Batches(train_images, train_labels, args.batch_size, device, args.seed)
-        evaluation_data = load_evaluation_data(args) if args.evaluate_at_end else None
+        valid, test = load_evaluation_data(args, device) if args.select_every or args.evaluate_at_end else (None, None)
     except DataError as error:
         fail(error)
 
@@ -342,7 +414,7 @@ def main(argv=None):
     opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
     opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
     fixed_z, fixed_labels = grid_inputs(PER_ROW, args.z_dim, device)
-    step = 0
+    step, best = 0, None
     if checkpoint is not None:
         G.load_state_dict(checkpoint["G"])
         D.load_state_dict(checkpoint["D"])
@@ -350,8 +422,9 @@ def main(argv=None):
         opt_D.load_state_dict(checkpoint["opt_D"])
         batches.load_state_dict(checkpoint["batches"])
         fixed_z = checkpoint["fixed_z"].to(device)
-        step = checkpoint["step"]
+        step, best = checkpoint["step"], checkpoint.get("best")
         set_rng_states(checkpoint["rng"])
+        restore_best(out, checkpoint)
 
     total = args.epochs * batches.per_epoch
     if args.max_steps is not None:
@@ -363,9 +436,9 @@ def main(argv=None):
           f"({batches.per_epoch} per epoch); run folder {out}")
 
     def state():
-        return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "batches": batches.state_dict(), "fixed_z": fixed_z, "step": step, "rng": rng_states(),
-                "args": vars(args)}
+        return {"folder": FOLDER, "format": FORMAT, "G": G.state_dict(), "D": D.state_dict(),
+                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "batches": batches.state_dict(),
+                "fixed_z": fixed_z, "step": step, "best": best, "rng": rng_states(), "args": vars(args)}
 
     def check_finite():
         """Stop, keeping the last good checkpoint, if a loss, a weight or a buffer has become NaN or Inf."""
@@ -407,9 +480,20 @@ def main(argv=None):
                 writer.add_scalar(name, value, step)
             progress.set_postfix(loss_D=f"{scalars['loss/D']:.3f}", loss_G=f"{scalars['loss/G']:.3f}")
         if step % args.sample_every == 0 or step == total:
-            grid = vutils.make_grid(sample(G, fixed_z, fixed_labels), nrow=PER_ROW, padding=2)
+            with seeded(args.seed, device):  # with dropout on, the same masks in every grid
+                grid = vutils.make_grid(sample(G, fixed_z, fixed_labels, args.sampling_dropout), nrow=PER_ROW, padding=2)
             vutils.save_image(grid, out / "samples" / f"step_{step:07d}.png")
             writer.add_image("samples", grid, step)
+        if args.select_every and step % (args.select_every * batches.per_epoch) == 0:
+            # §4.1: the validation split's log-likelihood; the best weights so far are kept as best.pt
+            check_finite()
+            score, _, sigma = parzen_estimate(G, valid, valid, args, device)
+            writer.add_scalar("metrics/parzen_valid", score, step)
+            writer.add_scalar("metrics/parzen_valid_sigma", sigma, step)
+            if best is None or score > best["score"]:
+                best = {"score": score, "step": step, "epoch": step // batches.per_epoch}
+                save_checkpoint(out / "checkpoints" / "last.pt", state())
+                save_checkpoint(out / "checkpoints" / "best.pt", state())
         if step % args.checkpoint_every == 0:
             check_finite()
             save_checkpoint(out / "checkpoints" / "last.pt", state())
@@ -425,10 +509,14 @@ def main(argv=None):
               f"python train.py --resume {out}")
         return 128 + stop.signal
     print(f"done: step {step} of {total} in {elapsed / 60:.1f} min; samples and checkpoint in {out}")
-    if evaluation_data is not None:
-        mean, stderr, sigma = parzen_evaluation(G, *evaluation_data, args, device)
-        writer.add_scalar("parzen/test", mean, step)
-        print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4g})")
+    if args.evaluate_at_end:
+        if best is not None:
+            G.load_state_dict(torch.load(out / "checkpoints" / "best.pt", map_location=device, weights_only=False)["G"])
+            print(f"best validation log-likelihood {best['score']:.2f} at step {best['step']}: evaluating best.pt")
+        mean, stderr, sigma = parzen_estimate(G, valid, test, args, device)
+        writer.add_scalar("parzen/log_likelihood", mean, step)
+        writer.add_scalar("parzen/sigma", sigma, step)
+        report(mean, stderr, sigma)
     writer.close()
     return 0
 

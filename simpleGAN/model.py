@@ -111,15 +111,20 @@ def sample(G, z):
     return images
 
 
-def checkpoint_path(path):
-    """A checkpoint file, or the run folder that holds checkpoints/last.pt."""
+def checkpoint_path(path, best=False):
+    """A checkpoint file, or the run folder that holds it: checkpoints/last.pt, or with best=True the
+    validation-selected checkpoints/best.pt when the run kept one."""
     path = Path(path)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if best and (path / "checkpoints" / "best.pt").is_file():
+        return path / "checkpoints" / "best.pt"
+    return path / "checkpoints" / "last.pt"
 
 
 def load_generator(path, device="cpu"):
-    """The generator of a checkpoint written by train.py, in eval mode."""
-    checkpoint = torch.load(checkpoint_path(path), map_location=device, weights_only=False)
+    """The generator of a checkpoint written by train.py (a run folder: its best.pt if kept, else last.pt)."""
+    checkpoint = torch.load(checkpoint_path(path, best=True), map_location=device, weights_only=False)
     args = checkpoint["args"]
     G = Generator(args["z_dim"], args["g_width"]).to(device)
     G.load_state_dict(checkpoint["G"])
@@ -130,7 +135,7 @@ def main(argv=None):
     import torchvision.utils as vutils
 
     parser = argparse.ArgumentParser(description="Sample images from a simpleGAN checkpoint.")
-    parser.add_argument("checkpoint", help="checkpoints/last.pt, or the run folder that holds it")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
     parser.add_argument("--num", type=int, default=100, help="how many images (default: 100)")
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write NUM separate PNG files into --out")
@@ -139,8 +144,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
-    if not checkpoint_path(args.checkpoint).is_file():
-        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint)}")
+    if not checkpoint_path(args.checkpoint, best=True).is_file():
+        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint, best=True)}")
 
     torch.manual_seed(args.seed)
     G = load_generator(args.checkpoint, args.device)

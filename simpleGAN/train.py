@@ -12,10 +12,12 @@ The paper's metric (§5, Table 1) is the Parzen-window log-likelihood of the tes
     python train.py --evaluate runs/RUN              # Parzen log-likelihood of the MNIST test set
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -36,14 +38,13 @@ from model import (D_WIDTH, G_WIDTH, Z_DIM, Discriminator, Generator, checkpoint
                    init_generator, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
+FOLDER, FORMAT = "simpleGAN", 1  # written into every checkpoint, checked when one is read
 GRID = 100  # fixed-noise samples in each grid (10 x 10)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
 RESUMABLE = {"resume", "data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
-             "evaluate_at_end", "parzen_samples", "parzen_valid"}
+             "evaluate_at_end", "select_every", "parzen_samples", "parzen_valid"}
 # Flags that may be given with --evaluate.
 EVALUABLE = {"evaluate", "data_root", "device", "seed", "parzen_samples", "parzen_valid"}
-# §5 / official code, parzen_ll.py: sigma is chosen from numpy.logspace(-1, 0, 10)
-SIGMAS = tuple(10 ** np.linspace(-1, 0, 10))
 
 
 def build_parser():
@@ -54,6 +55,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=100, help="official code, mnist.yaml: batch_size 100")
     p.add_argument("--k", type=int, default=1,
                    help="D steps per G step; Alg. 1: 'We used k = 1, the least expensive option'")
+    p.add_argument("--d-loss-scale", type=float, default=1.0,
+                   help="factor on D's objective; Alg. 1 ascends it unscaled, the official code "
+                        "(AdversaryCost2: d_obj = 0.5 * (...)) halves it: --d-loss-scale 0.5")
+    p.add_argument("--simultaneous", action="store_true",
+                   help="update D and G in one SGD step from one forward pass, as the official code's "
+                        "AdversaryCost2 does; default: Alg. 1's alternation, D first, then G against the new D")
     p.add_argument("--lr", type=float, default=0.1, help="official code, mnist.yaml: SGD learning_rate .1")
     p.add_argument("--lr-decay", type=float, default=1.000004,
                    help="lr divided by this every iteration of Alg. 1 (every minibatch at k = 1); "
@@ -79,8 +86,13 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints (official code: save_freq 1 epoch = 500 steps)")
+    p.add_argument("--select-every", type=int, default=0, metavar="EPOCHS",
+                   help="every EPOCHS epochs, log the validation split's Parzen log-likelihood and keep the best "
+                        "weights as checkpoints/best.pt (0: off; the official mnist.yaml keeps the last model, its "
+                        "MonitorBasedSaveBest is commented out)")
     p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="print the Parzen log-likelihood of the test set under a trained G, and exit")
+                   help="print the Parzen log-likelihood of the test set under a trained G, and exit; a run "
+                        "folder means its checkpoints/best.pt when it kept one, else its last.pt")
     p.add_argument("--evaluate-at-end", action="store_true", help="the same evaluation after training")
     p.add_argument("--parzen-samples", type=int, default=10000,
                    help="samples of G in the Parzen window; official code, parzen_ll.py: num_samples 10000")
@@ -98,7 +110,7 @@ def parse_args(argv):
         parser.error("--resume and --evaluate exclude each other")
     if args.resume or args.evaluate:
         flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume or args.evaluate)
+        path = checkpoint_path(args.resume) if args.resume else checkpoint_path(args.evaluate, best=True)
         if not path.is_file():
             parser.error(f"{flag} {args.resume or args.evaluate}: no checkpoint at {path}")
         try:
@@ -114,7 +126,7 @@ def parse_args(argv):
         if changed:
             parser.error(f"{flag} uses the run's own configuration; {', '.join(changed)} cannot "
                          f"change (allowed: {', '.join(sorted(allowed - {'resume', 'evaluate'}))})")
-        args = argparse.Namespace(**{**checkpoint["args"], "resume": None, "evaluate": None, **given,
+        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], "resume": None, "evaluate": None, **given,
                                      "out": str(path.parent.parent)})
     check_args(parser, args)
     return args, checkpoint
@@ -128,8 +140,14 @@ def check_args(parser, args):
     for name in ("epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.select_every < 0:
+        parser.error(f"--select-every must be 0 (off) or a number of epochs, got {args.select_every}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if not args.d_loss_scale > 0:
+        parser.error(f"--d-loss-scale must be positive, got {args.d_loss_scale}")
+    if args.simultaneous and args.k != 1:
+        parser.error(f"--simultaneous updates D and G in one step; it needs --k 1, got --k {args.k}")
     if not args.lr_decay >= 1:
         parser.error(f"--lr-decay divides the learning rate and must be at least 1, got {args.lr_decay}")
     if not 0 <= args.lr_min <= args.lr:
@@ -175,6 +193,18 @@ def save_checkpoint(path, state):
     os.replace(temporary, path)
 
 
+def restore_best(out, checkpoint):
+    """A kill between writing last.pt and best.pt at a new best leaves best.pt behind: rewrite it from last.pt."""
+    best, path = checkpoint.get("best"), out / "checkpoints" / "best.pt"
+    if best is not None and best["step"] == checkpoint["step"]:
+        try:
+            stale = torch.load(path, map_location="cpu", weights_only=False)["step"] != best["step"]
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
+            stale = True
+        if stale:
+            save_checkpoint(path, checkpoint)
+
+
 def write_gif(samples_dir, path, max_frames=100):
     frames = sorted(samples_dir.glob("step_*.png"))
     if frames:
@@ -215,13 +245,14 @@ def set_hyperparameters(optimizers, lr, momentum):
             group["lr"], group["momentum"] = lr, momentum
 
 
-def discriminator_step(G, D, opt_D, x, z):
-    """Alg. 1, D's update: ascend log D(x) + log(1 - D(G(z))). G is held fixed: its output carries no graph."""
+def discriminator_step(G, D, opt_D, x, z, scale=1.0):
+    """Alg. 1, D's update: ascend log D(x) + log(1 - D(G(z))), times `scale` (1 in Alg. 1, 0.5 in the
+    official code). G is held fixed: its output carries no graph."""
     with torch.no_grad():
         fake = G(z)
     real_logits, fake_logits = D(x), D(fake)
-    loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    loss = scale * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                    + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
     opt_D.step()
@@ -243,9 +274,35 @@ def generator_step(G, D, opt_G, z):
     return loss.detach()
 
 
+def simultaneous_step(G, D, opt_G, opt_D, x, z, scale=1.0):
+    """--simultaneous, the official code's update (AdversaryCost2.get_gradients): one forward pass, one set of
+    D's dropout masks; D's gradient of its objective and G's gradient of log D(G(z)) are both taken at the
+    current weights, then one SGD step applies both."""
+    fake = G(z)
+    real_logits, fake_logits = D(x), D(fake)
+    loss_D = scale * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                      + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    loss_G = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    # each objective is differentiated only with respect to its own player's weights
+    grads_G = torch.autograd.grad(loss_G, list(G.parameters()), retain_graph=True)
+    grads_D = torch.autograd.grad(loss_D, list(D.parameters()))
+    for params, grads in ((G.parameters(), grads_G), (D.parameters(), grads_D)):
+        for param, grad in zip(params, grads):
+            param.grad = grad
+    opt_D.step()
+    opt_G.step()
+    return (loss_D.detach(), torch.sigmoid(real_logits.detach()).mean(), torch.sigmoid(fake_logits.detach()).mean(),
+            loss_G.detach())
+
+
+# >>> copied: parzen >>>
+# GAN paper §5, official code parzen_ll.py: sigma is chosen from numpy.logspace(-1, 0, 10)
+SIGMAS = tuple(10 ** np.linspace(-1, 0, 10))
+
+
 @torch.no_grad()
 def parzen_log_likelihoods(x, samples, sigmas, chunk=1000):
-    """§5: log p(x) in nats under a Gaussian Parzen window, one row per sigma, one column per point of x.
+    """GAN paper §5: log p(x) in nats under a Gaussian Parzen window, one row per sigma, one column per point.
 
     p(x) = 1/N sum_i N(x; samples_i, sigma^2 I), so
     log p(x) = logsumexp_i(-|x - samples_i|^2 / (2 sigma^2)) - log N - d log(sigma sqrt(2 pi)).
@@ -262,27 +319,51 @@ def parzen_log_likelihoods(x, samples, sigmas, chunk=1000):
     return torch.cat(out, 1).double() - log_norm.double().to(x.device)[:, None]
 
 
-def choose_sigma(valid, samples, sigmas=SIGMAS):
-    """§5: "The sigma parameter of the Gaussians was obtained by cross validation on the validation set":
-    the sigma with the highest mean log-likelihood of the validation images (official code, parzen_ll.py)."""
-    return sigmas[parzen_log_likelihoods(valid, samples, sigmas).mean(1).argmax().item()]
+def choose_sigma(valid_log_likelihoods, sigmas=SIGMAS):
+    """GAN paper §5: "The sigma parameter of the Gaussians was obtained by cross validation on the validation
+    set": of the rows (one per sigma) of the validation images' log-likelihoods, the sigma whose mean is
+    highest (official code, parzen_ll.py)."""
+    return sigmas[valid_log_likelihoods.mean(1).argmax().item()]
+
+
+def mean_and_stderr(log_p):
+    """Table 1: the mean over the test images and its standard error, std / sqrt(n) with numpy's default
+    ddof = 0 (official code, parzen_ll.py: ll.std() / numpy.sqrt(n))."""
+    return log_p.mean().item(), log_p.std(unbiased=False).item() / math.sqrt(len(log_p))
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Draws inside come from their own seeded stream; the training's RNG streams are left untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+# <<< copied: parzen <<<
+
+
+def draw_samples(G, args, device):
+    """§5: the Parzen window's samples of G (10,000 by default), with z seeded by --seed."""
+    with seeded(args.seed, device):
+        return sample(G, sample_z(args.parzen_samples, args.z_dim, device))
 
 
 @torch.no_grad()
-def evaluate(G, args, device):
-    """Table 1: mean and standard error over the test images of their Parzen log-likelihood, and sigma."""
+def parzen_estimate(G, valid, points, args, device):
+    """Table 1's protocol (official code, parzen_ll.py): sigma chosen on the first --parzen-valid validation
+    images, then the mean and standard error of the log-likelihood of `points` (the test set; the validation
+    split for --select-every), and sigma."""
+    samples = draw_samples(G, args, device)
+    sigma = choose_sigma(parzen_log_likelihoods(valid[:args.parzen_valid], samples, SIGMAS))
+    return (*mean_and_stderr(parzen_log_likelihoods(points, samples, [sigma])[0]), sigma)
+
+
+def load_evaluation_images(args, device):
+    """The validation split (train[50000:60000]) and the test set, in [0, 1], on the device."""
     try:
-        valid = to_unit_range(load_images(args.dataset, args.data_root, "valid")[:args.parzen_valid].to(device))
-        test = to_unit_range(load_images(args.dataset, args.data_root, "test").to(device))
+        return [to_unit_range(load_images(args.dataset, args.data_root, split).to(device))
+                for split in ("valid", "test")]
     except DataError as error:
         fail(error)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    sizes = [min(1000, args.parzen_samples - start) for start in range(0, args.parzen_samples, 1000)]
-    samples = torch.cat([sample(G, sample_z(n, args.z_dim, device, generator)) for n in sizes])
-    sigma = choose_sigma(valid, samples)
-    log_p = parzen_log_likelihoods(test, samples, [sigma])[0]
-    # official code, parzen_ll.py: standard error = std / sqrt(n)
-    return log_p.mean().item(), log_p.std(unbiased=False).item() / math.sqrt(len(log_p)), sigma
 
 
 def report(mean, stderr, sigma):
@@ -300,7 +381,9 @@ def main(argv=None):
     if args.evaluate:
         G = Generator(args.z_dim, args.g_width).to(device)
         G.load_state_dict(checkpoint["G"])
-        report(*evaluate(G, args, device))
+        valid, test = load_evaluation_images(args, device)
+        print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}")
+        report(*parzen_estimate(G, valid, test, args, device))
         return 0
 
     out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
@@ -318,6 +401,7 @@ def main(argv=None):
         batches = Batches(images, args.batch_size, device, args.seed)
     except DataError as error:
         fail(error)
+    valid, test = load_evaluation_images(args, device) if args.select_every or args.evaluate_at_end else (None, None)
 
     G = Generator(args.z_dim, args.g_width).to(device)
     D = Discriminator(args.d_width).to(device)
@@ -327,7 +411,7 @@ def main(argv=None):
     opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
     opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
     fixed_z = sample_z(GRID, args.z_dim, device)
-    step = 0
+    step, best = 0, None
     if checkpoint is not None:
         G.load_state_dict(checkpoint["G"])
         D.load_state_dict(checkpoint["D"])
@@ -335,8 +419,9 @@ def main(argv=None):
         opt_D.load_state_dict(checkpoint["opt_D"])
         batches.load_state_dict(checkpoint["batches"])
         fixed_z = checkpoint["fixed_z"].to(device)
-        step = checkpoint["step"]
+        step, best = checkpoint["step"], checkpoint.get("best")
         set_rng_states(checkpoint["rng"])
+        restore_best(out, checkpoint)
 
     total = None if args.epochs is None else args.epochs * batches.per_epoch // args.k
     if args.max_steps is not None:
@@ -347,9 +432,9 @@ def main(argv=None):
           f"{total or 'until stopped'} ({batches.per_epoch / args.k:g} per epoch); run folder {out}")
 
     def state():
-        return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "batches": batches.state_dict(), "fixed_z": fixed_z, "step": step, "rng": rng_states(),
-                "args": vars(args)}
+        return {"folder": FOLDER, "format": FORMAT, "G": G.state_dict(), "D": D.state_dict(),
+                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "batches": batches.state_dict(),
+                "fixed_z": fixed_z, "step": step, "best": best, "rng": rng_states(), "args": vars(args)}
 
     def check_finite():
         """Stop, keeping the last good checkpoint, if a loss, a weight or a buffer has become NaN or Inf."""
@@ -374,12 +459,18 @@ def main(argv=None):
         momentum = momentum_at(step * args.k // batches.per_epoch, args.momentum, args.final_momentum,
                                args.momentum_saturate)
         set_hyperparameters((opt_G, opt_D), lr, momentum)
-        # Alg. 1: for k steps, D's update on a fresh minibatch of m examples x and m noise samples z
-        for _ in range(args.k):
+        if args.simultaneous:
             x = next(batches)
-            loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device))
-        # Alg. 1: G's update on a fresh minibatch of m noise samples z
-        loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
+            loss_D, D_x, D_G_z, loss_G = simultaneous_step(G, D, opt_G, opt_D, x, sample_z(len(x), args.z_dim, device),
+                                                           args.d_loss_scale)
+        else:
+            # Alg. 1: for k steps, D's update on a fresh minibatch of m examples x and m noise samples z
+            for _ in range(args.k):
+                x = next(batches)
+                loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device),
+                                                        args.d_loss_scale)
+            # Alg. 1: G's update on a fresh minibatch of m noise samples z
+            loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
         step += 1
         progress.update()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_D + loss_G), step, first_bad_step)
@@ -395,6 +486,17 @@ def main(argv=None):
             grid = vutils.make_grid(sample(G, fixed_z), nrow=10, padding=2)
             vutils.save_image(grid, out / "samples" / f"step_{step:07d}.png")
             writer.add_image("samples", grid, step)
+        epoch = step * args.k // batches.per_epoch
+        if args.select_every and epoch > (step - 1) * args.k // batches.per_epoch and epoch % args.select_every == 0:
+            # the validation split's Parzen log-likelihood; the best weights so far are kept as best.pt
+            check_finite()
+            score, _, sigma = parzen_estimate(G, valid, valid, args, device)
+            writer.add_scalar("metrics/parzen_valid", score, step)
+            writer.add_scalar("metrics/parzen_valid_sigma", sigma, step)
+            if best is None or score > best["score"]:
+                best = {"score": score, "step": step, "epoch": epoch}
+                save_checkpoint(out / "checkpoints" / "last.pt", state())
+                save_checkpoint(out / "checkpoints" / "best.pt", state())
         if step % args.checkpoint_every == 0:
             check_finite()
             save_checkpoint(out / "checkpoints" / "last.pt", state())
@@ -411,7 +513,10 @@ def main(argv=None):
         return 128 + stop.signal
     print(f"done: step {step} of {total} in {elapsed / 60:.1f} min; samples and checkpoint in {out}")
     if args.evaluate_at_end:
-        mean, stderr, sigma = evaluate(G, args, device)
+        if best is not None:
+            G.load_state_dict(torch.load(out / "checkpoints" / "best.pt", map_location=device, weights_only=False)["G"])
+            print(f"best validation log-likelihood {best['score']:.2f} at step {best['step']}: evaluating best.pt")
+        mean, stderr, sigma = parzen_estimate(G, valid, test, args, device)
         writer.add_scalar("parzen/log_likelihood", mean, step)
         writer.add_scalar("parzen/sigma", sigma, step)
         report(mean, stderr, sigma)
