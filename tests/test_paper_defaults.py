@@ -200,14 +200,15 @@ def z_batch(n=N, z_dim=3):
 
 
 def d_step(name, G, D, opt, x, z, variant=None):
-    """One D (critic) update of the folder, with its loss variant (coding, loss kind); no clipping, no penalty."""
+    """One D (critic) update of the folder with its loss variant (LSGAN's coding, SN-DCGAN's loss, WGAN-GP's
+    lambda, 0 unless given); WGAN's clip is set far outside the weights, so that it does nothing here."""
     train = folders[name].train
     if name == "DCGAN":
         return train.discriminator_step(G, D, opt, x, z)
     if name == "WGAN":
-        return train.critic_step(G, D, opt, x, z, 1e9)  # a clip far outside the weights: no clipping here
+        return train.critic_step(G, D, opt, x, z, 1e9)
     if name == "WGAN-GP":
-        return train.critic_step(G, D, opt, x, z, 0.0 if variant is None else variant)  # variant: lambda
+        return train.critic_step(G, D, opt, x, z, 0.0 if variant is None else variant)
     coding = train.CODINGS[variant] if name == "LSGAN" else variant
     return train.discriminator_step(G, D, opt, x, z, coding)
 
