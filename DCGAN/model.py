@@ -28,13 +28,17 @@ def sample_z(n, z_dim=Z_DIM, device="cpu"):
 def up(in_channels, out_channels):
     """Fig. 1: a 5x5 fractionally-strided convolution that exactly doubles height and width.
 
-    No bias: batch norm's shift replaces it, and the official code uses none.
+    No bias, as in the official code, which gives no layer one: where batch norm follows, its shift
+    takes the bias's place; G's output layer has neither.
     """
     return nn.ConvTranspose2d(in_channels, out_channels, 5, stride=2, padding=2, output_padding=1, bias=False)
 
 
 def down(in_channels, out_channels):
-    """§3: a 5x5 stride-2 convolution in place of pooling; it exactly halves height and width."""
+    """§3: a 5x5 stride-2 convolution in place of pooling; it exactly halves height and width.
+
+    No bias, as in the official code: D's input layer has neither a bias nor batch norm.
+    """
     return nn.Conv2d(in_channels, out_channels, 5, stride=2, padding=2, bias=False)
 
 

@@ -54,7 +54,9 @@ def build_parser():
     p.add_argument("--z-dim", type=int, default=Z_DIM, help="Fig. 1: 100-dimensional z")
     p.add_argument("--width", type=int, default=WIDTH,
                    help="channels of G's last and D's first hidden layer; Fig. 1: 128 (1024 at 4x4)")
-    p.add_argument("--epochs", type=int, default=25, help="official code: niter = 25 (the paper gives none)")
+    p.add_argument("--epochs", type=int, default=25,
+                   help="official code: niter = 25 (the paper gives none); one D and one G update per minibatch "
+                        "give each network twice the official code's updates, which alternates them")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")

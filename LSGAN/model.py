@@ -61,9 +61,11 @@ class Generator(nn.Module):
         super().__init__()
         self.start = check_image_size(image_size)
         self.top = 4 * width
-        # figure: fc to s/16 x s/16 x 256, batch norm, ReLU
+        # figure: fc to s/16 x s/16 x 256, batch norm, ReLU. Batch norm per channel after the reshape,
+        # as in the official code (vgg.py: g_bn0 on the reshaped map); the paper does not say which.
         self.project = nn.Sequential(nn.Linear(z_dim, self.top * self.start ** 2, bias=False),
-                                     nn.BatchNorm1d(self.top * self.start ** 2), nn.ReLU())
+                                     nn.Unflatten(1, (self.top, self.start, self.start)),
+                                     nn.BatchNorm2d(self.top), nn.ReLU())
         layers = []
         # §3.3: each of the top two stride-2 deconvolutions is followed by an extra stride-1 one
         for stride in (2, 1, 2, 1):
@@ -75,7 +77,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        return self.net(self.project(z).view(-1, self.top, self.start, self.start))
+        return self.net(self.project(z))
 
 
 class Discriminator(nn.Module):
@@ -107,9 +109,9 @@ def init_weights(module):
         nn.init.trunc_normal_(module.weight, 0.0, 0.02, -0.04, 0.04)
     elif isinstance(module, (nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight)
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)) \
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)) \
             and module.bias is not None:
         nn.init.zeros_(module.bias)
 

@@ -42,7 +42,7 @@ GRID = 64  # fixed-noise samples in each grid (8 x 8)
 RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every"}
 # §3.2.3: the codes (a, b, c): a for fake data and b for real data in D's loss, c what G wants D to believe of its fakes.
 CODINGS = {
-    "0-1": (0.0, 1.0, 1.0),  # §3.2.3: the 0-1 binary coding (c = b), the one the paper's experiments use
+    "0-1": (0.0, 1.0, 1.0),  # §3.2.3: the 0-1 binary coding (c = b); official code: vgg.py loss_l2 trains with it
     "pearson": (-1.0, 1.0, 0.0),  # §3.2.2-3.2.3: b - c = 1 and b - a = 2, G minimises the Pearson chi^2 divergence
 }
 
@@ -51,19 +51,20 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="training data; the paper used LSUN scenes (and CIFAR-10 in the ICCV version), "
+                   help="training data; the paper used LSUN scenes and handwritten Chinese characters, "
                         "this default downloads by itself")
     p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
     p.add_argument("--image-size", type=int, default=32,
                    help="a multiple of 16, at least 32; the paper's scene network is 112x112, "
                         "32 is CIFAR-10's own size")
     p.add_argument("--coding", default="0-1", choices=sorted(CODINGS),
-                   help="the codes (a, b, c): 0-1 = (0, 1, 1), which §3.2.3 trains with; "
+                   help="the codes (a, b, c): 0-1 = (0, 1, 1), the official code's (vgg.py) and §3.2.3's; "
                         "pearson = (-1, 1, 0), the Pearson chi^2 codes of §3.2.2")
     p.add_argument("--batch-size", type=int, default=64, help="official code: batch_size 64 (the paper gives none)")
     p.add_argument("--lr", type=float, default=1e-3,
-                   help="§4.1: Adam learning rate 0.001 for the scenes (0.0002 for the handwritten characters)")
-    p.add_argument("--beta1", type=float, default=0.5, help="§4.1: Adam beta1 0.5, following DCGAN")
+                   help="§4.1; official code: train_lsun.py 0.001 for the scenes (train_chn.py 0.0002 for the "
+                        "handwritten characters)")
+    p.add_argument("--beta1", type=float, default=0.5, help="§4.1; official code: train_lsun.py beta1 0.5")
     p.add_argument("--beta2", type=float, default=0.999, help="official code keeps Adam's default beta2")
     p.add_argument("--z-dim", type=int, default=Z_DIM, help="figure: 1024-dimensional z")
     p.add_argument("--width", type=int, default=WIDTH,

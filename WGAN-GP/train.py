@@ -49,7 +49,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64, help="Alg. 1: m; official code: BATCH_SIZE = 64")
     p.add_argument("--lr", type=float, default=1e-4, help="Alg. 1: Adam alpha = 0.0001")
     p.add_argument("--beta1", type=float, default=0.0,
-                   help="Alg. 1 and App. B: beta1 = 0; App. E and the official code use 0.5")
+                   help="Alg. 1, App. B and official gan_64x64.py, gan_cifar_resnet.py: 0; App. E, gan_cifar.py: 0.5")
     p.add_argument("--beta2", type=float, default=0.9, help="Alg. 1: beta2 = 0.9")
     p.add_argument("--lambda-gp", type=float, default=10.0, help="Alg. 1, §4: penalty coefficient lambda = 10")
     p.add_argument("--n-critic", type=int, default=5,
