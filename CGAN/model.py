@@ -11,7 +11,9 @@ y ... by feeding y into both the discriminator and generator as additional input
 Here y is the class label of an MNIST digit, one-hot in 10 dimensions (§4.1).
 """
 import argparse
+import errno
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -129,9 +131,18 @@ def sample(G, z, labels, dropout=False):
     return images
 
 
+# >>> copied: checkpoint files >>>
+FOLDER = "CGAN"  # per-folder
+FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
+
+
+class CheckpointError(Exception):
+    """A file that is not a usable checkpoint of this folder; train.py and model.py print it and exit with 2."""
+
+
 def checkpoint_path(path, best=False):
-    """A checkpoint file, or the run folder that holds it: checkpoints/last.pt, or with best=True the
-    validation-selected checkpoints/best.pt when the run kept one."""
+    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt, or with best=True its
+    checkpoints/best.pt (the best by the folder's metric) when the run kept one."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -140,18 +151,69 @@ def checkpoint_path(path, best=False):
     return path / "checkpoints" / "last.pt"
 
 
-def load_generator(path, device="cpu"):
-    """The generator of a checkpoint written by train.py (a run folder: its best.pt if kept, else last.pt)."""
-    checkpoint = torch.load(checkpoint_path(path, best=True), map_location=device, weights_only=False)
+def read_checkpoint(path):
+    """A checkpoint written by this folder's train.py, loaded on the CPU; anything else raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, random bytes, not a torch file, unreadable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("folder"), str):
+        raise CheckpointError(f"{path} is not a checkpoint written by a train.py of this collection")
+    if checkpoint["folder"] != FOLDER:
+        raise CheckpointError(f"{path} was written by {checkpoint['folder']}/train.py, not by {FOLDER}/train.py")
+    if checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')}; this {FOLDER}/train.py "
+                              f"reads format {FORMAT}")
+    return checkpoint
+
+
+def check_output(parser, out, single):
+    """model.py's --out: a new file for the grid, or a new or empty folder for --single; nothing is overwritten
+    and nothing is created before every input is known to be good."""
+    out = Path(out)
+    if single and out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        parser.error(f"--out {out} exists and is not an empty folder; --single needs a new or empty folder")
+    if not single and out.exists():
+        parser.error(f"--out {out} already exists; choose a new file name for the grid")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: {parent} is not a writable folder")
+
+
+def write_images(images, out, single, nrow, names=None):
+    """The grid as one PNG file, or with `single` one PNG file per image (00000.png, ... unless `names` are
+    given); a failed write is one line."""
+    import torchvision.utils as vutils
+
+    out = Path(out)
+    try:
+        if single:
+            out.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            vutils.save_image(images, out, nrow=nrow, padding=2)
+    except OSError as error:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        print(f"{Path(sys.argv[0]).name}: error: cannot write {out}: {reason}", file=sys.stderr)
+        sys.exit(2)
+# <<< copied: checkpoint files <<<
+
+
+def load_generator(checkpoint, device="cpu"):
+    """The generator of a checkpoint (as read_checkpoint returns it), in eval mode on `device`."""
     args = checkpoint["args"]
-    G = Generator(args["z_dim"], CLASSES, args["image_size"], args["dropout"]).to(device)
+    G = Generator(args["z_dim"], CLASSES, args["image_size"], args["dropout"])
     G.load_state_dict(checkpoint["G"])
-    return G.eval()
+    return G.to(device).eval()
 
 
 def main(argv=None):
-    import torchvision.utils as vutils
-
     parser = argparse.ArgumentParser(description="Sample digits from a conditional GAN checkpoint.")
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
     parser.add_argument("--digit", type=int, default=None,
@@ -163,18 +225,23 @@ def main(argv=None):
     parser.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="keep G's dropout on, as in training and in train.py's grids and --evaluate "
                              "(default: on; --no-sampling-dropout samples in eval mode)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z and G's dropout masks (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = parser.parse_args(argv)
     if args.num is not None and args.num < 1:
-        parser.error("--num must be at least 1")
+        parser.error(f"--num must be at least 1, got {args.num}")
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
-    if not checkpoint_path(args.checkpoint, best=True).is_file():
-        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint, best=True)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
+    check_output(parser, args.out, args.single)
+    try:
+        checkpoint = read_checkpoint(checkpoint_path(args.checkpoint, best=True))
+    except CheckpointError as error:
+        parser.error(str(error))
 
     torch.manual_seed(args.seed)
-    G = load_generator(args.checkpoint, args.device)
+    G = load_generator(checkpoint, args.device)
     z_dim = G.z_path[0].in_features
     if args.digit is None:
         per_row = args.num or 10
@@ -184,15 +251,9 @@ def main(argv=None):
         z = sample_z(args.num or 64, z_dim, args.device)
         labels = torch.full((len(z),), args.digit, device=args.device)
     images = sample(G, z, labels, args.sampling_dropout)
-    out = Path(args.out)
-    if args.single:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            vutils.save_image(image, out / f"{i:05d}_digit{label}.png")
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        vutils.save_image(images, out, nrow=per_row, padding=2)
-    print(f"wrote {len(images)} samples to {out}")
+    write_images(images, args.out, args.single, per_row,
+                 names=[f"{i:05d}_digit{label}.png" for i, label in enumerate(labels.tolist())])
+    print(f"wrote {len(images)} samples of step {checkpoint['step']} to {args.out}")
 
 
 if __name__ == "__main__":

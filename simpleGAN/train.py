@@ -1,11 +1,14 @@
 """Generative Adversarial Nets (Goodfellow et al. 2014, arXiv 1406.2661): Algorithm 1 on MNIST.
 
-For every iteration of Algorithm 1:
-    k times: D ascends  log D(x) + log(1 - D(G(z)))   on a fresh real minibatch (G held fixed)
-    once:    G ascends  log D(G(z))                    the non-saturating form of §3 (D held fixed)
-with SGD (batch 100, lr 0.1 divided by 1.000004 every minibatch down to 1e-6, momentum
-0.5 rising to 0.7 by epoch 250) and z ~ U(-sqrt 3, sqrt 3)^100, as the official code's mnist.yaml.
-The paper's metric (§5, Table 1) is the Parzen-window log-likelihood of the test set.
+Algorithm 1, with the settings of the paper's MNIST experiment (§5, official code mnist.yaml):
+    for each training iteration:
+        for k steps (k = 1):
+            sample a minibatch of m noise samples z ~ U(-sqrt 3, sqrt 3)^100 and m examples x
+            update D by ascending its stochastic gradient of  log D(x) + log(1 - D(G(z)))
+        sample a minibatch of m noise samples z
+        update G by ascending  log D(G(z))   (§3's non-saturating form of descending log(1 - D(G(z))))
+with SGD: m = 100, lr 0.1 divided by 1.000004 every minibatch down to 1e-6, momentum 0.5 rising to 0.7
+by epoch 250. The paper's metric (§5, Table 1) is the Parzen-window log-likelihood of the test set.
 
     python train.py                                  # MNIST, the paper's settings, until stopped
     python train.py --resume runs/RUN                # continue a run exactly where it stopped
@@ -13,11 +16,10 @@ The paper's metric (§5, Table 1) is the Parzen-window log-likelihood of the tes
 """
 import argparse
 import contextlib
-import copy
+import errno
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -34,196 +36,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dataset import DATASETS, Batches, DataError, load_images, pixel_means, to_unit_range
-from model import (D_WIDTH, G_WIDTH, Z_DIM, Discriminator, Generator, checkpoint_path, init_discriminator,
-                   init_generator, sample, sample_z)
+from model import (D_WIDTH, FOLDER, FORMAT, G_WIDTH, Z_DIM, CheckpointError, Discriminator, Generator,
+                   checkpoint_path, init_discriminator, init_generator, read_checkpoint, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
-FOLDER, FORMAT = "simpleGAN", 1  # written into every checkpoint, checked when one is read
 GRID = 100  # fixed-noise samples in each grid (10 x 10)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
+RESUMABLE = {"data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
              "evaluate_at_end", "select_every", "parzen_samples", "parzen_valid"}
 # Flags that may be given with --evaluate.
-EVALUABLE = {"evaluate", "data_root", "device", "seed", "parzen_samples", "parzen_valid"}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="§5: MNIST")
-    p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
-    p.add_argument("--batch-size", type=int, default=100, help="official code, mnist.yaml: batch_size 100")
-    p.add_argument("--k", type=int, default=1,
-                   help="D steps per G step; Alg. 1: 'We used k = 1, the least expensive option'")
-    p.add_argument("--d-loss-scale", type=float, default=1.0,
-                   help="factor on D's objective; Alg. 1 ascends it unscaled, the official code "
-                        "(AdversaryCost2: d_obj = 0.5 * (...)) halves it: --d-loss-scale 0.5")
-    p.add_argument("--simultaneous", action="store_true",
-                   help="update D and G in one SGD step from one forward pass, as the official code's "
-                        "AdversaryCost2 does; default: Alg. 1's alternation, D first, then G against the new D")
-    p.add_argument("--lr", type=float, default=0.1, help="official code, mnist.yaml: SGD learning_rate .1")
-    p.add_argument("--lr-decay", type=float, default=1.000004,
-                   help="lr divided by this every iteration of Alg. 1 (every minibatch at k = 1); "
-                        "official code, mnist.yaml: ExponentialDecay decay_factor")
-    p.add_argument("--lr-min", type=float, default=1e-6, help="official code, mnist.yaml: ExponentialDecay min_lr")
-    p.add_argument("--momentum", type=float, default=0.5, help="official code, mnist.yaml: init_momentum .5")
-    p.add_argument("--final-momentum", type=float, default=0.7,
-                   help="official code, mnist.yaml: MomentumAdjustor final_momentum .7")
-    p.add_argument("--momentum-saturate", type=int, default=250,
-                   help="epoch by which momentum reaches --final-momentum; official code, mnist.yaml: saturate 250")
-    p.add_argument("--z-dim", type=int, default=Z_DIM, help="official code, mnist.yaml: 100-dimensional z")
-    p.add_argument("--g-width", type=int, default=G_WIDTH, help="G's two ReLU layers; official code: 1200")
-    p.add_argument("--d-width", type=int, default=D_WIDTH, help="D's two maxout layers (5 pieces); official code: 240")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="passes over train[0:50000]; default: until stopped, as the official mnist.yaml, "
-                        "which sets no termination criterion (the paper names no length)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
-    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
-    p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between fixed-noise sample grids")
-    p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
-    p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="steps between checkpoints (official code: save_freq 1 epoch = 500 steps)")
-    p.add_argument("--select-every", type=int, default=0, metavar="EPOCHS",
-                   help="every EPOCHS epochs, log the validation split's Parzen log-likelihood and keep the best "
-                        "weights as checkpoints/best.pt (0: off; the official mnist.yaml keeps the last model, its "
-                        "MonitorBasedSaveBest is commented out)")
-    p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="print the Parzen log-likelihood of the test set under a trained G, and exit; a run "
-                        "folder means its checkpoints/best.pt when it kept one, else its last.pt")
-    p.add_argument("--evaluate-at-end", action="store_true", help="the same evaluation after training")
-    p.add_argument("--parzen-samples", type=int, default=10000,
-                   help="samples of G in the Parzen window; official code, parzen_ll.py: num_samples 10000")
-    p.add_argument("--parzen-valid", type=int, default=1000,
-                   help="validation images used to choose sigma; official code, parzen_ll.py: limit_size 1000")
-    return p
-
-
-def parse_args(argv):
-    """The run's configuration, and the checkpoint to continue from or evaluate (None for a new run)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    checkpoint = None
-    if args.resume and args.evaluate:
-        parser.error("--resume and --evaluate exclude each other")
-    if args.resume or args.evaluate:
-        flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume) if args.resume else checkpoint_path(args.evaluate, best=True)
-        if not path.is_file():
-            parser.error(f"{flag} {args.resume or args.evaluate}: no checkpoint at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            parser.error(f"{flag} {args.resume or args.evaluate}: {path} is not a readable checkpoint ({error})")
-        # The run continues with its own configuration; only the allowed flags may be given.
-        quiet = copy.deepcopy(parser)
-        for action in quiet._actions:
-            action.default = argparse.SUPPRESS
-        given = vars(quiet.parse_args(argv))
-        changed = sorted(k for k, v in given.items() if k not in allowed and v != checkpoint["args"].get(k))
-        if changed:
-            parser.error(f"{flag} uses the run's own configuration; {', '.join(changed)} cannot "
-                         f"change (allowed: {', '.join(sorted(allowed - {'resume', 'evaluate'}))})")
-        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], "resume": None, "evaluate": None, **given,
-                                     "out": str(path.parent.parent)})
-    check_args(parser, args)
-    return args, checkpoint
-
-
-def check_args(parser, args):
-    for name in ("batch_size", "k", "z_dim", "g_width", "d_width", "momentum_saturate", "sample_every", "log_every",
-                 "checkpoint_every", "parzen_samples", "parzen_valid"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("epochs", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.select_every < 0:
-        parser.error(f"--select-every must be 0 (off) or a number of epochs, got {args.select_every}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if not args.d_loss_scale > 0:
-        parser.error(f"--d-loss-scale must be positive, got {args.d_loss_scale}")
-    if args.simultaneous and args.k != 1:
-        parser.error(f"--simultaneous updates D and G in one step; it needs --k 1, got --k {args.k}")
-    if not args.lr_decay >= 1:
-        parser.error(f"--lr-decay divides the learning rate and must be at least 1, got {args.lr_decay}")
-    if not 0 <= args.lr_min <= args.lr:
-        parser.error(f"--lr-min must lie in [0, --lr], got {args.lr_min}")
-    if not (0 <= args.momentum < 1 and 0 <= args.final_momentum < 1):
-        parser.error(f"--momentum and --final-momentum must lie in [0, 1), got {args.momentum} and "
-                     f"{args.final_momentum}")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA GPU is visible; use --device cpu")
-
-
-def fail(message, code=2):
-    """A one-line error, no traceback, for a problem the user can fix."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Atomic: a reader (or a kill -9) never sees a half-written last.pt."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def restore_best(out, checkpoint):
-    """A kill between writing last.pt and best.pt at a new best leaves best.pt behind: rewrite it from last.pt."""
-    best, path = checkpoint.get("best"), out / "checkpoints" / "best.pt"
-    if best is not None and best["step"] == checkpoint["step"]:
-        try:
-            stale = torch.load(path, map_location="cpu", weights_only=False)["step"] != best["step"]
-        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
-            stale = True
-        if stale:
-            save_checkpoint(path, checkpoint)
-
-
-def write_gif(samples_dir, path, max_frames=100):
-    frames = sorted(samples_dir.glob("step_*.png"))
-    if frames:
-        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
-        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.signal = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
+EVALUABLE = {"data_root", "device", "seed", "parzen_samples", "parzen_valid"}
 
 
 def learning_rate(step, lr=0.1, decay=1.000004, lr_min=1e-6):
@@ -295,6 +117,143 @@ def simultaneous_step(G, D, opt_G, opt_D, x, z, scale=1.0):
             loss_G.detach())
 
 
+def main(argv=None):
+    args, checkpoint = parse_args(argv)
+    device = pick_device(args)
+    seed_everything(args.seed)
+    if args.evaluate:
+        return evaluate(args, checkpoint, device)
+    try:
+        images = load_images(args.dataset, args.data_root, "train")
+        batches = Batches(images, args.batch_size, device, args.seed)
+        selecting = args.select_every or args.evaluate_at_end
+        valid, test = load_evaluation_images(args, device) if selecting else (None, None)
+    except DataError as error:
+        fail(error)
+
+    G = Generator(args.z_dim, args.g_width).to(device)
+    D = Discriminator(args.d_width).to(device)
+    init_generator(G, pixel_means(images).to(device))
+    init_discriminator(D)
+    # official code, mnist.yaml: SGD with momentum for both networks; lr and momentum are set every iteration
+    opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
+    opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
+    steps_per_epoch = batches.per_epoch / args.k
+    run = Run(args, checkpoint, {"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, batches,
+              fixed_z=sample_z(GRID, args.z_dim, device),
+              total=None if args.epochs is None else int(args.epochs * steps_per_epoch),
+              title=f"simpleGAN on {args.dataset} ({len(images)} training images, 28x28, "
+                    f"{steps_per_epoch:g} steps per epoch)",
+              grid=lambda z: vutils.make_grid(sample(G, z), nrow=10, padding=2),
+              metric=lambda: validation_metric(G, valid, args, device),
+              eval_every=round(args.select_every * steps_per_epoch))
+
+    while run.running():
+        # official code: lr divided by 1.000004 every minibatch; momentum 0.5 -> 0.7 over 250 epochs
+        lr = learning_rate(run.step, args.lr, args.lr_decay, args.lr_min)
+        momentum = momentum_at(run.step * args.k // batches.per_epoch, args.momentum, args.final_momentum,
+                               args.momentum_saturate)
+        set_hyperparameters((opt_G, opt_D), lr, momentum)
+        if args.simultaneous:
+            # --simultaneous: the official code's single step on both players
+            x = next(batches)
+            z = sample_z(len(x), args.z_dim, device)
+            loss_D, D_x, D_G_z, loss_G = simultaneous_step(G, D, opt_G, opt_D, x, z, args.d_loss_scale)
+        else:
+            for _ in range(args.k):
+                # Alg. 1: for k steps, a minibatch of m examples x and m noise samples z, then D's update
+                x = next(batches)
+                z = sample_z(len(x), args.z_dim, device)
+                loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, z, args.d_loss_scale)
+            # Alg. 1: a fresh minibatch of m noise samples z, then G's update
+            loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
+        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z,
+                      "lr": torch.tensor(lr), "momentum": torch.tensor(momentum)})
+
+    if run.stopped_by is None and args.evaluate_at_end:
+        final_evaluation(G, run, valid, test, args, device)
+    return run.finish()
+
+
+def build_parser():
+    p = FlagParser(description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="§5: MNIST")
+    p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
+    p.add_argument("--batch-size", type=int, default=100, help="official code, mnist.yaml: batch_size 100")
+    p.add_argument("--k", type=int, default=1,
+                   help="D steps per G step; Alg. 1: 'We used k = 1, the least expensive option'")
+    p.add_argument("--d-loss-scale", type=float, default=1.0,
+                   help="factor on D's objective; Alg. 1 ascends it unscaled, the official code "
+                        "(AdversaryCost2: d_obj = 0.5 * (...)) halves it: --d-loss-scale 0.5")
+    p.add_argument("--simultaneous", action="store_true",
+                   help="update D and G in one SGD step from one forward pass, as the official code's "
+                        "AdversaryCost2 does; default: Alg. 1's alternation, D first, then G against the new D")
+    p.add_argument("--lr", type=float, default=0.1, help="official code, mnist.yaml: SGD learning_rate .1")
+    p.add_argument("--lr-decay", type=float, default=1.000004,
+                   help="lr divided by this every iteration of Alg. 1 (every minibatch at k = 1); "
+                        "official code, mnist.yaml: ExponentialDecay decay_factor")
+    p.add_argument("--lr-min", type=float, default=1e-6, help="official code, mnist.yaml: ExponentialDecay min_lr")
+    p.add_argument("--momentum", type=float, default=0.5, help="official code, mnist.yaml: init_momentum .5")
+    p.add_argument("--final-momentum", type=float, default=0.7,
+                   help="official code, mnist.yaml: MomentumAdjustor final_momentum .7")
+    p.add_argument("--momentum-saturate", type=int, default=250,
+                   help="epoch by which momentum reaches --final-momentum; official code, mnist.yaml: saturate 250")
+    p.add_argument("--z-dim", type=int, default=Z_DIM, help="official code, mnist.yaml: 100-dimensional z")
+    p.add_argument("--g-width", type=int, default=G_WIDTH, help="G's two ReLU layers; official code: 1200")
+    p.add_argument("--d-width", type=int, default=D_WIDTH, help="D's two maxout layers (5 pieces); official code: 240")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over train[0:50000]; default: until stopped, as the official mnist.yaml, "
+                        "which sets no termination criterion (the paper names no length)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between fixed-noise sample grids")
+    p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints (official code: save_freq 1 epoch = 500 steps)")
+    p.add_argument("--select-every", type=int, default=0, metavar="EPOCHS",
+                   help="every EPOCHS epochs, log the validation split's Parzen log-likelihood and keep the best "
+                        "weights as checkpoints/best.pt (0: off; the official mnist.yaml keeps the last model, its "
+                        "MonitorBasedSaveBest is commented out)")
+    p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="print the Parzen log-likelihood of the test set under a trained G, and exit; a run "
+                        "folder means its checkpoints/best.pt when it kept one, else its last.pt")
+    p.add_argument("--evaluate-at-end", action="store_true", help="the same evaluation after training")
+    p.add_argument("--parzen-samples", type=int, default=10000,
+                   help="samples of G in the Parzen window; official code, parzen_ll.py: num_samples 10000")
+    p.add_argument("--parzen-valid", type=int, default=1000,
+                   help="validation images used to choose sigma; official code, parzen_ll.py: limit_size 1000")
+    return p
+
+
+def check_args(parser, args):
+    """The paper's flags, each inside its domain; the flags every folder shares are checked by check_run_flags."""
+    for name in ("batch_size", "k", "z_dim", "g_width", "d_width", "momentum_saturate", "parzen_samples",
+                 "parzen_valid"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.select_every < 0:
+        parser.error(f"--select-every must be 0 (off) or a number of epochs, got {args.select_every}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not 0 < args.d_loss_scale < math.inf:
+        parser.error(f"--d-loss-scale must be a positive number, got {args.d_loss_scale}")
+    if args.simultaneous and args.k != 1:
+        parser.error(f"--simultaneous updates D and G in one step; it needs --k 1, got --k {args.k}")
+    if not 1 <= args.lr_decay < math.inf:
+        parser.error(f"--lr-decay divides the learning rate and must be at least 1, got {args.lr_decay}")
+    if not 0 <= args.lr_min <= args.lr:
+        parser.error(f"--lr-min must lie in [0, --lr], got {args.lr_min}")
+    if not (0 <= args.momentum < 1 and 0 <= args.final_momentum < 1):
+        parser.error(f"--momentum and --final-momentum must lie in [0, 1), got {args.momentum} and "
+                     f"{args.final_momentum}")
+
+
 # >>> copied: parzen >>>
 # GAN paper §5, official code parzen_ll.py: sigma is chosen from numpy.logspace(-1, 0, 10)
 SIGMAS = tuple(10 ** np.linspace(-1, 0, 10))
@@ -357,171 +316,362 @@ def parzen_estimate(G, valid, points, args, device):
     return (*mean_and_stderr(parzen_log_likelihoods(points, samples, [sigma])[0]), sigma)
 
 
-def load_evaluation_images(args, device):
-    """The validation split (train[50000:60000]) and the test set, in [0, 1], on the device."""
+def validation_metric(G, valid, args, device):
+    """--select-every: the validation split's Parzen log-likelihood (higher is better), for best.pt."""
+    mean, _, sigma = parzen_estimate(G, valid, valid, args, device)
+    return {"metrics/parzen_valid": mean, "metrics/parzen_valid_sigma": sigma}, mean
+
+
+def final_evaluation(G, run, valid, test, args, device):
+    """--evaluate-at-end: the test log-likelihood of the best checkpoint (of the last one without --select-every)."""
+    if run.best is not None:
+        G.load_state_dict(read_checkpoint(run.out / "checkpoints" / "best.pt")["G"])
+        print(f"best validation log-likelihood {run.best['score']:.2f} at step {run.best['step']}: evaluating best.pt")
+    mean, stderr, sigma = parzen_estimate(G, valid, test, args, device)
+    run.log({"parzen/log_likelihood": mean, "parzen/sigma": sigma})
+    report(mean, stderr, sigma)
+
+
+def evaluate(args, checkpoint, device):
+    """python train.py --evaluate RUN: Table 1's number for a trained G, printed."""
+    G = Generator(args.z_dim, args.g_width)
+    G.load_state_dict(checkpoint["G"])
     try:
-        return [to_unit_range(load_images(args.dataset, args.data_root, split).to(device))
-                for split in ("valid", "test")]
+        valid, test = load_evaluation_images(args, device)
     except DataError as error:
         fail(error)
+    print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}")
+    report(*parzen_estimate(G.to(device), valid, test, args, device))
+    return 0
+
+
+def load_evaluation_images(args, device):
+    """The validation split (train[50000:60000]) and the test set, in [0, 1], on the device."""
+    return [to_unit_range(load_images(args.dataset, args.data_root, split).to(device)) for split in ("valid", "test")]
 
 
 def report(mean, stderr, sigma):
     print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4f})")
 
 
-def main(argv=None):
-    args, checkpoint = parse_args(argv)
+# >>> copied: run management >>>
+# Everything below runs the paper's loop: the flags of --resume and --evaluate, the run folder, checkpoints,
+# logs, signals and the NaN guard. It is the same in the seven train.py files apart from lines marked
+# per-folder, and tests/test_copies.py keeps it so.
+
+
+def fail(message, code=2):
+    """A one-line error and exit code 2, for a problem the user can fix (code 1: the run diverged)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with a bad flag reported in one line, without the usage block; the message names the flag."""
+
+    def error(self, message):
+        fail(message)
+
+
+def parse_args(argv):
+    """The run's configuration and, with --resume or --evaluate, the checkpoint it continues or scores."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.resume and args.evaluate:
+        parser.error("give --resume or --evaluate, not both")
+    if args.resume or args.evaluate:
+        flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
+        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as error:
+            parser.error(f"{flag}: {error}")
+        # the run keeps its own configuration: only the flags in `allowed` may differ from it
+        given = explicit_flags(parser, argv)
+        changed = sorted(f"--{name.replace('_', '-')}" for name, value in given.items()
+                         if name not in allowed | {"resume", "evaluate"} and value != checkpoint["args"].get(name))
+        if changed:
+            parser.error(f"{flag} uses the run's own configuration; {', '.join(changed)} cannot change (allowed: "
+                         f"{', '.join('--' + name.replace('_', '-') for name in sorted(allowed))})")
+        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
+                                     "evaluate": args.evaluate, "out": str(run_folder(path))})
+    check_run_flags(parser, args)
+    check_args(parser, args)
+    return args, checkpoint
+
+
+def explicit_flags(parser, argv):
+    """The flags given on the command line, by destination name: argparse fills in a default only for a name
+    that the namespace does not hold yet, so parsing into a namespace of placeholders leaves defaults out."""
+    unset = object()
+    names = vars(parser.parse_args(argv))
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name: value for name, value in vars(given).items() if value is not unset}
+
+
+def check_run_flags(parser, args):
+    """The flags every folder shares; the paper's own are checked by check_args."""
+    for name in ("sample_every", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
+    if args.out is not None and not args.evaluate:
+        problem = unwritable(Path(args.out))
+        if problem:
+            parser.error(f"--out {args.out}: {problem}")
+
+
+def unwritable(folder):
+    """Why `folder` cannot become a run folder, or None; nothing is created to find out."""
+    if folder.exists() and not folder.is_dir():
+        return "exists and is not a folder"
+    parent = next(p for p in [folder, *folder.parents] if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def run_folder(checkpoint):
+    """The run folder of a checkpoint: RUN for RUN/checkpoints/last.pt, else the checkpoint's own folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def pick_device(args):
+    """--device auto: CUDA when a GPU is visible, else the CPU."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
-    seed_everything(args.seed)
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
-    if args.evaluate:
-        G = Generator(args.z_dim, args.g_width).to(device)
-        G.load_state_dict(checkpoint["G"])
-        valid, test = load_evaluation_images(args, device)
-        print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}")
-        report(*parzen_estimate(G, valid, test, args, device))
-        return 0
 
-    out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    if checkpoint is None and (out / "checkpoints" / "last.pt").exists():
-        fail(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+@contextlib.contextmanager
+def writing(path):
+    """A failed write (a full disk, a folder made read-only) ends the run with one line naming the file."""
     try:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        (out / "args.json").touch()
+        yield
     except OSError as error:
-        fail(f"cannot write the run folder --out {out}: {error.strerror or error}")
+        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        fail(f"cannot write {path}: {reason}")
 
-    try:
-        images = load_images(args.dataset, args.data_root, "train")
-        batches = Batches(images, args.batch_size, device, args.seed)
-    except DataError as error:
-        fail(error)
-    valid, test = load_evaluation_images(args, device) if args.select_every or args.evaluate_at_end else (None, None)
 
-    G = Generator(args.z_dim, args.g_width).to(device)
-    D = Discriminator(args.d_width).to(device)
-    init_generator(G, pixel_means(images).to(device))
-    init_discriminator(D)
-    # official code, mnist.yaml: SGD with momentum for both networks
-    opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
-    opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
-    fixed_z = sample_z(GRID, args.z_dim, device)
-    step, best = 0, None
-    if checkpoint is not None:
-        G.load_state_dict(checkpoint["G"])
-        D.load_state_dict(checkpoint["D"])
-        opt_G.load_state_dict(checkpoint["opt_G"])
-        opt_D.load_state_dict(checkpoint["opt_D"])
-        batches.load_state_dict(checkpoint["batches"])
-        fixed_z = checkpoint["fixed_z"].to(device)
-        step, best = checkpoint["step"], checkpoint.get("best")
-        set_rng_states(checkpoint["rng"])
-        restore_best(out, checkpoint)
+def save_checkpoint(path, state):
+    """Atomic: written to a temporary file, then renamed over `path`, so a kill at any moment leaves the
+    previous checkpoint whole; a failed write removes its temporary file."""
+    temporary = path.with_suffix(".tmp")
+    with writing(path):
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
-    total = None if args.epochs is None else args.epochs * batches.per_epoch // args.k
-    if args.max_steps is not None:
-        total = args.max_steps if total is None else min(total, args.max_steps)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    writer = SummaryWriter(out, purge_step=step + 1 if checkpoint is not None else None)
-    print(f"simpleGAN on {args.dataset} ({len(images)} training images, 28x28) on {device}: steps {step} -> "
-          f"{total or 'until stopped'} ({batches.per_epoch / args.k:g} per epoch); run folder {out}")
 
-    def state():
-        return {"folder": FOLDER, "format": FORMAT, "G": G.state_dict(), "D": D.state_dict(),
-                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "batches": batches.state_dict(),
-                "fixed_z": fixed_z, "step": step, "best": best, "rng": rng_states(), "args": vars(args)}
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-    def check_finite():
-        """Stop, keeping the last good checkpoint, if a loss, a weight or a buffer has become NaN or Inf."""
-        bad_step = first_bad_step.item()
-        tensors = [t for t in [*G.parameters(), *D.parameters(), *G.buffers(), *D.buffers()] if t.is_floating_point()]
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+class Run:
+    """One training run: its folder, step counter, scalars, fixed-noise grids, checkpoints (every
+    --checkpoint-every steps, at the end, and on Ctrl-C or SIGTERM), the best checkpoint by `metric`, and the
+    stop on NaN or Inf. A checkpoint holds every network, optimiser, RNG state and the batch position, so a
+    resumed run continues exactly."""
+
+    def __init__(self, args, checkpoint, nets, optimizers, batches, fixed_z, total, title, grid,
+                 metric=None, eval_every=0, higher_is_better=True):
+        if args.max_steps is not None:
+            total = args.max_steps if total is None else min(total, args.max_steps)
+        self.args, self.nets, self.optimizers, self.batches, self.fixed_z = args, nets, optimizers, batches, fixed_z
+        self.total, self.grid, self.metric, self.eval_every = total, grid, metric, eval_every
+        self.higher_is_better = higher_is_better
+        self.out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        self.step, self.best = 0, None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            if total is not None and self.step >= total:
+                fail(f"{self.out} is at step {self.step}, which already reaches the length asked for ({total} steps); "
+                     f"to go on, give a larger --max-steps or a longer training length")
+        elif (self.out / "checkpoints" / "last.pt").exists():
+            fail(f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another --out")
+        for folder in (self.out / "samples", self.out / "checkpoints"):
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        for stray in (self.out / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
+            stray.unlink()
+        if checkpoint is not None:
+            self.restore_best_file(checkpoint)
+        with writing(self.out / "args.json"):
+            (self.out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        # events after the checkpoint's step came from a run that went past it, and are dropped
+        with writing(self.out):
+            self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
+        self.stop = StopRequest()
+        # the first step whose scalars were not finite, kept on the device: no host sync per step
+        self.first_bad_step = torch.tensor(-1, device=fixed_z.device)
+        self.started = time.perf_counter()
+        print(f"{title} on {fixed_z.device}: steps {self.step} -> {total or 'until stopped'}; "
+              f"run folder {self.out}", flush=True)
+        self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def running(self):
+        return (self.total is None or self.step < self.total) and self.stop.signal is None
+
+    def due(self, every):
+        return self.step % every == 0 or self.step == self.total
+
+    def end_step(self, scalars):
+        """After the step's updates: count it, and log, draw, evaluate and save when their intervals come."""
+        self.step += 1
+        self.progress.update()
+        finite = torch.stack([value.detach().float() for value in scalars.values()]).isfinite().all()
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
+        if self.due(self.args.log_every):
+            self.check_finite()
+            self.log({name: value.item() for name, value in scalars.items()})
+        if self.due(self.args.sample_every):
+            grid = self.grid(self.fixed_z)
+            path = self.out / "samples" / f"step_{self.step:07d}.png"
+            with writing(path):
+                vutils.save_image(grid, path)
+                self.writer.add_image("samples", grid, self.step)
+        if self.eval_every and self.step % self.eval_every == 0:
+            self.evaluate()
+        if self.step % self.args.checkpoint_every == 0:
+            self.check_finite()
+            self.save("last.pt")
+
+    def log(self, scalars):
+        with writing(self.out):
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, self.step)
+        self.progress.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in list(scalars.items())[:2]})
+
+    def evaluate(self):
+        """The metric now; a new best is saved as best.pt, with last.pt at the same step (see restore_best_file)."""
+        self.check_finite()
+        scalars, score = self.metric()
+        self.log(scalars)
+        if self.best is None or (score > self.best["score"] if self.higher_is_better else score < self.best["score"]):
+            self.best = {"score": score, "step": self.step}
+            self.save("last.pt")
+            self.save("best.pt")
+
+    def check_finite(self):
+        """Stop, keeping the last good checkpoint, if a scalar, a weight or a buffer has become NaN or Inf."""
+        bad_step = self.first_bad_step.item()
+        tensors = [t for net in self.nets.values() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()]
         if bad_step < 0 and not torch.stack([t.isfinite().all() for t in tensors]).all():
-            bad_step = step
+            bad_step = self.step
         if bad_step >= 0:
-            writer.close()
-            last = out / "checkpoints" / "last.pt"
+            self.writer.close()
+            last = self.out / "checkpoints" / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
             fail(f"a loss or weight became NaN or Inf at step {bad_step}; stopped there, and {kept}", code=1)
 
-    # The first step whose losses were not finite, kept on the device: no host sync per step.
-    first_bad_step = torch.tensor(-1, device=device)
-    stop = StopRequest()
-    progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    started = time.perf_counter()
-    while (total is None or step < total) and stop.signal is None:
-        # official code: lr divided by 1.000004 every minibatch; momentum 0.5 -> 0.7 over 250 epochs
-        lr = learning_rate(step, args.lr, args.lr_decay, args.lr_min)
-        momentum = momentum_at(step * args.k // batches.per_epoch, args.momentum, args.final_momentum,
-                               args.momentum_saturate)
-        set_hyperparameters((opt_G, opt_D), lr, momentum)
-        if args.simultaneous:
-            x = next(batches)
-            loss_D, D_x, D_G_z, loss_G = simultaneous_step(G, D, opt_G, opt_D, x, sample_z(len(x), args.z_dim, device),
-                                                           args.d_loss_scale)
-        else:
-            # Alg. 1: for k steps, D's update on a fresh minibatch of m examples x and m noise samples z
-            for _ in range(args.k):
-                x = next(batches)
-                loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device),
-                                                        args.d_loss_scale)
-            # Alg. 1: G's update on a fresh minibatch of m noise samples z
-            loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
-        step += 1
-        progress.update()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_D + loss_G), step, first_bad_step)
+    def state(self):
+        return {"folder": FOLDER, "format": FORMAT, "step": self.step, "best": self.best, "fixed_z": self.fixed_z,
+                **{name: net.state_dict() for name, net in self.nets.items()},
+                **{name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                "batches": self.batches.state_dict(), "rng": rng_states(), "args": vars(self.args)}
 
-        if step % args.log_every == 0 or step == total:
-            check_finite()
-            scalars = {"loss/D": loss_D.item(), "loss/G": loss_G.item(), "D/real": D_x.item(),
-                       "D/fake": D_G_z.item(), "lr": lr, "momentum": momentum}
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, step)
-            progress.set_postfix(loss_D=f"{scalars['loss/D']:.3f}", loss_G=f"{scalars['loss/G']:.3f}")
-        if step % args.sample_every == 0 or step == total:
-            grid = vutils.make_grid(sample(G, fixed_z), nrow=10, padding=2)
-            vutils.save_image(grid, out / "samples" / f"step_{step:07d}.png")
-            writer.add_image("samples", grid, step)
-        epoch = step * args.k // batches.per_epoch
-        if args.select_every and epoch > (step - 1) * args.k // batches.per_epoch and epoch % args.select_every == 0:
-            # the validation split's Parzen log-likelihood; the best weights so far are kept as best.pt
-            check_finite()
-            score, _, sigma = parzen_estimate(G, valid, valid, args, device)
-            writer.add_scalar("metrics/parzen_valid", score, step)
-            writer.add_scalar("metrics/parzen_valid_sigma", sigma, step)
-            if best is None or score > best["score"]:
-                best = {"score": score, "step": step, "epoch": epoch}
-                save_checkpoint(out / "checkpoints" / "last.pt", state())
-                save_checkpoint(out / "checkpoints" / "best.pt", state())
-        if step % args.checkpoint_every == 0:
-            check_finite()
-            save_checkpoint(out / "checkpoints" / "last.pt", state())
-    progress.close()
+    def save(self, name):
+        save_checkpoint(self.out / "checkpoints" / name, self.state())
 
-    check_finite()
-    save_checkpoint(out / "checkpoints" / "last.pt", state())
-    write_gif(out / "samples", out / "progress.gif")
-    elapsed = time.perf_counter() - started
-    if stop.signal is not None:
-        writer.close()
-        print(f"stopped by {signal.Signals(stop.signal).name} at step {step}; continue with: "
-              f"python train.py --resume {out}")
-        return 128 + stop.signal
-    print(f"done: step {step} of {total} in {elapsed / 60:.1f} min; samples and checkpoint in {out}")
-    if args.evaluate_at_end:
-        if best is not None:
-            G.load_state_dict(torch.load(out / "checkpoints" / "best.pt", map_location=device, weights_only=False)["G"])
-            print(f"best validation log-likelihood {best['score']:.2f} at step {best['step']}: evaluating best.pt")
-        mean, stderr, sigma = parzen_estimate(G, valid, test, args, device)
-        writer.add_scalar("parzen/log_likelihood", mean, step)
-        writer.add_scalar("parzen/sigma", sigma, step)
-        report(mean, stderr, sigma)
-    writer.close()
-    return 0
+    def restore(self, checkpoint):
+        for name, net in self.nets.items():
+            net.load_state_dict(checkpoint[name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(checkpoint[name])
+        self.batches.load_state_dict(checkpoint["batches"])
+        self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
+        self.step, self.best = checkpoint["step"], checkpoint["best"]
+        set_rng_states(checkpoint["rng"])
+
+    def restore_best_file(self, checkpoint):
+        """A kill between writing last.pt and best.pt at a new best leaves an older best.pt: rewrite it."""
+        path = self.out / "checkpoints" / "best.pt"
+        if self.best is not None and self.best["step"] == self.step:
+            try:
+                stale = read_checkpoint(path)["step"] != self.step
+            except CheckpointError:
+                stale = True
+            if stale:
+                save_checkpoint(path, checkpoint)
+
+    @property
+    def stopped_by(self):
+        """The signal (SIGINT, SIGTERM) that stopped the run, or None."""
+        return self.stop.signal
+
+    def finish(self):
+        """The last checkpoint and the progress animation; returns the exit code (128 + signal if stopped)."""
+        self.progress.close()
+        self.check_finite()
+        self.save("last.pt")
+        with writing(self.out / "progress.gif"):
+            write_gif(self.out / "samples", self.out / "progress.gif")
+        with writing(self.out):
+            self.writer.close()
+        if self.stop.signal is not None:
+            print(f"stopped by {signal.Signals(self.stop.signal).name} at step {self.step}; continue with: "
+                  f"python train.py --resume {self.out}")
+            return 128 + self.stop.signal
+        print(f"done: step {self.step} of {self.total} in {(time.perf_counter() - self.started) / 60:.1f} min; "
+              f"samples and checkpoint in {self.out}")
+        return 0
+
+
+def write_gif(samples_dir, path, max_frames=100):
+    """The fixed-noise grids as an animation, at most `max_frames` of them, evenly spaced."""
+    frames = sorted(samples_dir.glob("step_*.png"))
+    if frames:
+        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
+        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
+# <<< copied: run management <<<
 
 
 if __name__ == "__main__":

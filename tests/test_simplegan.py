@@ -274,7 +274,7 @@ def test_evaluate_prints_the_parzen_line_of_the_estimator(smoke_run, mnist_root)
     mean, stderr, sigma = map(float, PARZEN_LINE.search(result.stdout).groups())
     assert any(abs(sigma - s) < 1e-4 for s in gan.train.SIGMAS)
     # the same numbers from the estimator called here on the same samples
-    G = gan.model.load_generator(run)
+    G = gan.model.load_generator(gan.model.read_checkpoint(gan.model.checkpoint_path(run)))
     torch.manual_seed(0)
     samples = gan.model.sample(G, gan.model.sample_z(300))
     valid = gan.dataset.to_unit_range(gan.dataset.load_images("mnist", mnist_root, "valid")[:200])
@@ -362,4 +362,4 @@ def test_more_bad_input_exits_2(smoke_run, mnist_root, tmp_path, capsys):
     assert "--out" in exits_2(capsys, "--out", blocker / "run", "--device", "cpu")
     # --resume and --evaluate use the run's own configuration
     assert "lr" in exits_2(capsys, "--resume", smoke_run["run"], "--lr", 0.5)
-    assert "max_steps" in exits_2(capsys, "--evaluate", smoke_run["run"], "--max-steps", 9)
+    assert "--max-steps" in exits_2(capsys, "--evaluate", smoke_run["run"], "--max-steps", 9)
