@@ -29,6 +29,7 @@ import imageio.v3 as imageio
 import numpy as np
 import torch
 import torchvision.utils as vutils
+from torch.nn.utils import parametrize
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -39,7 +40,8 @@ from model import WIDTH, Z_DIM, Discriminator, Generator, check_image_size, chec
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every"}
+RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every",
+             "compile"}
 # §3.2.3: the codes (a, b, c): a for fake data and b for real data in D's loss, c what G wants D to believe of its fakes.
 CODINGS = {
     "0-1": (0.0, 1.0, 1.0),  # §3.2.3: the 0-1 binary coding (c = b); official code: vgg.py loss_l2 trains with it
@@ -74,6 +76,7 @@ def build_parser():
                    help="generator steps; official code: max_steps 1000000 (the paper gives none)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    add_speed_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
@@ -183,6 +186,61 @@ class StopRequest:
         self.signal = signum
 
 
+# >>> copied: speed >>>
+# The networks that --compile compiles. torch.compile cannot differentiate a gradient a second time
+# (double backward), so a network whose input gradient enters the loss (a gradient penalty) stays eager.
+COMPILED = ("G", "D")  # per-folder
+
+
+def add_speed_flags(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
+                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
+                        "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
+                        "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
+                        "matches an uninterrupted one only up to rounding")
+
+
+def speed_up(networks, precision, compile, device):
+    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
+    state_dict keys do not change, so checkpoints are the same with and without them."""
+    for name, net in networks.items():
+        if precision == "bf16":
+            net.forward = bf16_forward(net, device.type)
+        if compile and name in COMPILED:
+            # One graph per input shape (dynamic=False): the sample grid's batch leaves the training graph static.
+            net.compile(dynamic=False)
+    if compile:
+        print(f"--compile: {' and '.join(n for n in networks if n in COMPILED)} compile during the first steps")
+
+
+def bf16_forward(net, device_type):
+    """net.forward under bfloat16 autocast, with its output returned as float32.
+
+    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so
+    the float32 parameters remain the master weights and every loss is computed in float32.
+    Parametrized weights (spectral norm's W / sigma(W)) are computed first, outside autocast: the
+    power iteration and sigma stay float32, and cached() keeps them to one computation, so one
+    power iteration, per forward.
+    """
+    forward = net.forward
+    parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
+                    for name in module.parametrizations]
+
+    def forward_in_bf16(*inputs):
+        with parametrize.cached():
+            for module, name in parametrized:
+                getattr(module, name)
+            with torch.autocast(device_type, torch.bfloat16):
+                output = forward(*inputs)
+        return output.float()
+
+    return forward_in_bf16
+# <<< copied: speed <<<
+
+
 def discriminator_loss(real_out, fake_out, a, b):
     """§3.2, D's objective: 1/2 E_x[(D(x) - b)^2] + 1/2 E_z[(D(G(z)) - a)^2], each expectation a batch mean of squares."""
     return 0.5 * (real_out - b).pow(2).mean() + 0.5 * (fake_out - a).pow(2).mean()
@@ -264,6 +322,8 @@ def main(argv=None):
         fixed_z = checkpoint["fixed_z"].to(device)
         step = checkpoint["step"]
         set_rng_states(checkpoint["rng"])
+    # --precision and --compile; by default neither changes anything (float32, eager: the papers' setting)
+    speed_up({"G": G, "D": D}, args.precision, args.compile, device)
 
     total = args.iters
     if args.max_steps is not None:
