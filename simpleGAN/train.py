@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
+from torch.nn.utils import parametrize
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -42,8 +43,8 @@ from model import (D_WIDTH, FOLDER, FORMAT, G_WIDTH, Z_DIM, CheckpointError, Dis
 HERE = Path(__file__).resolve().parent
 GRID = 100  # fixed-noise samples in each grid (10 x 10)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
-             "evaluate_at_end", "select_every", "parzen_samples", "parzen_valid"}
+RESUMABLE = {"data_root", "max_steps", "epochs", "device", "compile", "sample_every", "log_every",
+             "checkpoint_every", "evaluate_at_end", "select_every", "parzen_samples", "parzen_valid"}
 # Flags that may be given with --evaluate.
 EVALUABLE = {"data_root", "device", "seed", "parzen_samples", "parzen_valid"}
 
@@ -207,6 +208,7 @@ def build_parser():
                         "which sets no termination criterion (the paper names no length)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    add_speed_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
@@ -352,6 +354,61 @@ def load_evaluation_images(args, device):
 
 def report(mean, stderr, sigma):
     print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4f})")
+
+
+# >>> copied: speed >>>
+# The networks that --compile compiles. torch.compile cannot differentiate a gradient a second time
+# (double backward), so a network whose input gradient enters the loss (a gradient penalty) stays eager.
+COMPILED = ("G", "D")  # per-folder
+
+
+def add_speed_flags(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
+                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
+                        "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
+                        "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
+                        "matches an uninterrupted one only up to rounding")
+
+
+def speed_up(networks, precision, compile, device):
+    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
+    state_dict keys do not change, so checkpoints are the same with and without them."""
+    for name, net in networks.items():
+        if precision == "bf16":
+            net.forward = bf16_forward(net, device.type)
+        if compile and name in COMPILED:
+            # One graph per input shape (dynamic=False): the sample grid's batch leaves the training graph static.
+            net.compile(dynamic=False)
+    if compile:
+        print(f"--compile: {' and '.join(n for n in networks if n in COMPILED)} compile during the first steps")
+
+
+def bf16_forward(net, device_type):
+    """net.forward under bfloat16 autocast, with its output returned as float32.
+
+    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so
+    the float32 parameters remain the master weights and every loss is computed in float32.
+    Parametrized weights (spectral norm's W / sigma(W)) are computed first, outside autocast: the
+    power iteration and sigma stay float32, and cached() keeps them to one computation, so one
+    power iteration, per forward.
+    """
+    forward = net.forward
+    parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
+                    for name in module.parametrizations]
+
+    def forward_in_bf16(*inputs):
+        with parametrize.cached():
+            for module, name in parametrized:
+                getattr(module, name)
+            with torch.autocast(device_type, torch.bfloat16):
+                output = forward(*inputs)
+        return output.float()
+
+    return forward_in_bf16
+# <<< copied: speed <<<
 
 
 # >>> copied: run management >>>
@@ -549,6 +606,7 @@ class Run:
         # events after the checkpoint's step came from a run that went past it, and are dropped
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
+        speed_up(nets, args.precision, args.compile, fixed_z.device)
         self.stop = StopRequest()
         # the first step whose scalars were not finite, kept on the device: no host sync per step
         self.first_bad_step = torch.tensor(-1, device=fixed_z.device)
@@ -603,7 +661,8 @@ class Run:
     def check_finite(self):
         """Stop, keeping the last good checkpoint, if a scalar, a weight or a buffer has become NaN or Inf."""
         bad_step = self.first_bad_step.item()
-        tensors = [t for net in self.nets.values() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()]
+        tensors = [t for net in self.nets.values() for t in [*net.parameters(), *net.buffers()]
+                   if t.is_floating_point()]
         if bad_step < 0 and not torch.stack([t.isfinite().all() for t in tensors]).all():
             bad_step = self.step
         if bad_step >= 0:
