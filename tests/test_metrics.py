@@ -259,11 +259,12 @@ def test_eval_every_logs_the_scores_and_keeps_the_best_checkpoint(folder, tiny_r
     if best["step"] == 4:
         assert all(torch.equal(v, last["G"][k]) for k, v in best["G"].items())
 
-    # model.py samples from best.pt; --resume continues from it
-    assert run_main(gan.model, run, "--checkpoint", "best", "--num", 4, "--out", tmp_path / "grid.png",
+    # model.py samples from best.pt (the copy has no last.pt); --resume continues from it
+    shutil.copytree(run, tmp_path / "copy")
+    (tmp_path / "copy" / "checkpoints" / "last.pt").unlink()
+    assert run_main(gan.model, tmp_path / "copy", "--checkpoint", "best", "--num", 4, "--out", tmp_path / "grid.png",
                     "--device", "cpu") == 0
     assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
-    shutil.copytree(run, tmp_path / "copy")
     assert run_main(gan.train, "--resume", tmp_path / "copy" / "checkpoints" / "best.pt", "--max-steps", 5) == 0
     resumed = torch.load(tmp_path / "copy" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert resumed["step"] == 5 and resumed["best"]["step"] == best["step"]
