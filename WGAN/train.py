@@ -418,7 +418,8 @@ def real_images(args):
     try:
         data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
     except Exception as error:  # missing or corrupt files, or a failed download
-        raise DataError(f"the {args.dataset} test split is not readable under {args.data_root} ({error}); put it "
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"the {args.dataset} test split is not readable under {args.data_root} ({reason}); put it "
                         f"there, or use --eval-real train") from None
     images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous()
     if images.shape[-1] == args.image_size:
@@ -475,10 +476,10 @@ class RealSet:
                                           Path(torch.hub.get_dir()).parent / "fidelity_cache")
         if self.cache_root is None:
             tqdm.write("neither the data root nor torch's folder is writable: the real set's features will be "
-                  "computed at every evaluation")
+                       "computed at every evaluation")
         elif self.cache_root.parent != Path(args.data_root):
             tqdm.write(f"the data root {args.data_root} is not writable; the real set's features are cached in "
-                  f"{self.cache_root}")
+                       f"{self.cache_root}")
 
     def cached(self, extractor):
         return self.cache_root is not None and any(self.cache_root.glob(f"{self.cache_name}-{extractor}-*"))
@@ -529,16 +530,17 @@ def sample_metrics(G, args, device, real, num_samples):
     """IS of num_samples samples of G; their FID and KID against the real set, whose features are cached."""
     if not real.cached(args.feature_extractor):
         tqdm.write(f"the features of {real.description} are computed once"
-              + (f" and cached in {real.cache_root}" if real.cache_root else ""))
+                   + (f" and cached in {real.cache_root}" if real.cache_root else ""))
     progress = tqdm(total=num_samples, desc=f"generating and embedding {num_samples} samples", unit="img",
                     leave=False, dynamic_ncols=True)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    kid_subset_size = min(KID_SUBSET_SIZE, num_samples, len(real.dataset))
     with rng_untouched(device), on_device:
         scores = calculate_metrics(
             input1=Samples(G, args.z_dim, device, progress), input1_model_num_samples=num_samples,
             input2=real.dataset, input2_cache_name=real.cache_name, cache=real.cache_root is not None,
             cache_root=str(real.cache_root), isc=True, fid=True, kid=True, isc_splits=ISC_SPLITS,
-            kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, num_samples, len(real.dataset)),
+            kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size,
             feature_extractor=args.feature_extractor, feature_extractor_weights_path=args.inception_weights,
             batch_size=EVAL_BATCH, cuda=device.type == "cuda", rng_seed=args.seed, save_cpu_ram=True,
             verbose=False)
@@ -548,15 +550,14 @@ def sample_metrics(G, args, device, real, num_samples):
         real.dataset.progress = None
     return {"inception_score": scores[KEY_METRIC_ISC_MEAN], "inception_score_std": scores[KEY_METRIC_ISC_STD],
             "fid": scores[KEY_METRIC_FID], "kid": scores[KEY_METRIC_KID_MEAN],
-            "kid_std": scores[KEY_METRIC_KID_STD]}
+            "kid_std": scores[KEY_METRIC_KID_STD], "kid_subset_size": kid_subset_size}
 
 
 def report_metrics(scores, num_samples, real):
     print(f"Inception Score: {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f} "
           f"({num_samples} samples, {ISC_SPLITS} splits)")
     print(f"FID: {scores['fid']:.3f} ({num_samples} samples against {real.description})")
-    print(f"KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} "
-          f"({KID_SUBSETS} subsets of {min(KID_SUBSET_SIZE, num_samples, len(real.dataset))})")
+    print(f"KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} ({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
 
 
 def evaluate_checkpoint(args, checkpoint, device):
@@ -579,9 +580,8 @@ def evaluate_checkpoint(args, checkpoint, device):
     record = {"folder": FOLDER, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
               "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
               "real_split": args.eval_real, "real_images": len(real.dataset), **scores,
-              "isc_splits": ISC_SPLITS, "kid_subsets": KID_SUBSETS,
-              "kid_subset_size": min(KID_SUBSET_SIZE, args.eval_samples, len(real.dataset)),
-              "z_prior": Z_PRIOR, "seed": args.seed, "feature_extractor": args.feature_extractor,
+              "isc_splits": ISC_SPLITS, "kid_subsets": KID_SUBSETS, "z_prior": Z_PRIOR, "seed": args.seed,
+              "feature_extractor": args.feature_extractor,
               "feature_extractor_weights": args.inception_weights or (
                   inception_weights_file() if args.feature_extractor == "inception-v3-compat" else "default"),
               "torch_fidelity": torch_fidelity_version, "device": str(device)}
