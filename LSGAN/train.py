@@ -143,7 +143,7 @@ def check_args(parser, args):
         parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    check_metric_args(parser, args)
+    check_metric_args(args)
 
 
 def fail(message, code=2):
@@ -281,53 +281,59 @@ def add_metric_flags(p):
                         f"{inception_weights_file()} into torch's hub checkpoints folder at first use)")
 
 
-def check_metric_args(parser, args):
+def check_metric_args(args):
     for name in ("eval_samples", "eval_every_samples"):
         if getattr(args, name) < ISC_SPLITS:
-            parser.error(f"--{name.replace('_', '-')} must be at least {ISC_SPLITS} (the Inception Score is "
-                         f"averaged over {ISC_SPLITS} splits), got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be at least {ISC_SPLITS} (the Inception Score is "
+                 f"averaged over {ISC_SPLITS} splits), got {getattr(args, name)}")
     if args.eval_every is not None and args.eval_every < 1:
-        parser.error(f"--eval-every must be at least 1, got {args.eval_every}")
+        fail(f"--eval-every must be at least 1, got {args.eval_every}")
     if args.eval_real == "test" and args.dataset not in TEST_SPLITS:
-        parser.error(f"--eval-real test: {args.dataset} has no test split here (those with one: "
-                     f"{', '.join(TEST_SPLITS)}); use --eval-real train")
+        fail(f"--eval-real test: {args.dataset} has no test split here (those with one: "
+             f"{', '.join(TEST_SPLITS)}); use --eval-real train")
     if args.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        parser.error(f"--feature-extractor {args.feature_extractor!r} is not one of torch-fidelity's: "
-                     f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+        fail(f"--feature-extractor {args.feature_extractor!r} is not one of torch-fidelity's: "
+             f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
-        parser.error(f"--inception-weights {args.inception_weights}: no such file")
+        fail(f"--inception-weights {args.inception_weights}: no such file")
 
 
 def evaluation_args(parser, argv, args):
     """--evaluate: the configuration of the run that wrote the checkpoint, and the checkpoint."""
     if args.resume:
-        parser.error("--resume and --evaluate exclude each other")
+        fail("--resume and --evaluate exclude each other")
     path = checkpoint_path(args.evaluate)
     if not path.is_file():
-        parser.error(f"--evaluate {args.evaluate}: no checkpoint at {path}")
+        fail(f"--evaluate {args.evaluate}: no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        parser.error(f"--evaluate {args.evaluate}: {path} is not a readable checkpoint ({error})")
+        fail(f"--evaluate {args.evaluate}: {path} is not a readable checkpoint ({reason_of(error)})")
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict) and "G" in checkpoint):
-        parser.error(f"--evaluate {args.evaluate}: {path} is not a checkpoint written by train.py")
+        fail(f"--evaluate {args.evaluate}: {path} is not a checkpoint written by train.py")
     # Every folder has flags of its own, and a checkpoint records the flags of the train.py that wrote it.
     foreign = sorted(set(checkpoint["args"]) - {action.dest for action in parser._actions} - {"channels"})
     if foreign:
-        parser.error(f"--evaluate {args.evaluate}: {path} was written by another folder's train.py (its "
-                     f"settings {', '.join(foreign)} are not {FOLDER}'s)")
+        fail(f"--evaluate {args.evaluate}: {path} was written by another folder's train.py (its "
+             f"settings {', '.join(foreign)} are not {FOLDER}'s)")
     quiet = copy.deepcopy(parser)
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     given = vars(quiet.parse_args(argv))
     changed = sorted(k for k, v in given.items() if k not in EVALUABLE and v != checkpoint["args"].get(k))
     if changed:
-        parser.error(f"--evaluate uses the run's own configuration; {', '.join(changed)} cannot change "
-                     f"(allowed: {', '.join(sorted(EVALUABLE - {'evaluate'}))})")
+        fail(f"--evaluate uses the run's own configuration; {', '.join(changed)} cannot change "
+             f"(allowed: {', '.join(sorted(EVALUABLE - {'evaluate'}))})")
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": None, "out": str(run)})
     check_args(parser, args)
     return args, checkpoint
+
+
+def reason_of(error):
+    """The first line of an exception's message, or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def inception_weights_file():
@@ -337,7 +343,7 @@ def inception_weights_file():
 
 def extractor_failure(args, error):
     """One line saying why the feature extractor could not be created, and what the user can do about it."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = reason_of(error)
     if args.inception_weights is not None:
         return f"--inception-weights {args.inception_weights}: not usable by {args.feature_extractor} ({reason})"
     if args.feature_extractor != "inception-v3-compat":
@@ -370,7 +376,7 @@ def download_inception_weights():
         folder.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(folder / inception_weights_file()), progress=True)
     except Exception as error:  # no network, a refused connection, an unwritable folder
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason_of(error)
         fail(f"the Inception-v3 weights {inception_weights_file()} are not in {folder} and could not be "
              f"downloaded ({reason}); copy the file into that folder (from {URL_INCEPTION_V3}), or pass "
              f"--inception-weights FILE")
@@ -397,7 +403,7 @@ def real_images(args):
     try:
         data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
     except Exception as error:  # missing or corrupt files, or a failed download
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason_of(error)
         raise DataError(f"the {args.dataset} test split is not readable under {args.data_root} ({reason}); put it "
                         f"there, or use --eval-real train") from None
     images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous()
@@ -549,8 +555,7 @@ def evaluate_checkpoint(args, checkpoint, device):
     try:
         G.load_state_dict(checkpoint["G"])
     except RuntimeError as error:
-        fail(f"--evaluate {args.evaluate}: G's weights do not fit {FOLDER}'s generator "
-             f"({str(error).strip().splitlines()[0]})")
+        fail(f"--evaluate {args.evaluate}: G's weights do not fit {FOLDER}'s generator ({reason_of(error)})")
     real = RealSet(args)
     path = checkpoint_path(args.evaluate)
     print(f"{FOLDER}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
