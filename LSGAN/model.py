@@ -3,6 +3,7 @@ the 112x112 scene model), their initialisation, and sampling from a checkpoint.
 
     python model.py runs/RUN --num 64 --out grid.png      # one grid
     python model.py runs/RUN --num 500 --out samples/ --single   # 500 PNG files
+    python model.py runs/RUN --checkpoint best            # the best FID of --eval-every
 
 §3.3: G follows DCGAN with two extra stride-1 deconvolutions after its top two deconvolutions
 (motivated by VGG); D is DCGAN's discriminator with the least squares loss in place of the
@@ -129,10 +130,10 @@ def sample(G, z):
     return images
 
 
-def checkpoint_path(path):
-    """A checkpoint file, or the run folder that holds checkpoints/last.pt."""
+def checkpoint_path(path, which="last"):
+    """A checkpoint file, or the run folder that holds checkpoints/last.pt (or best.pt, kept by --eval-every)."""
     path = Path(path)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+    return path / "checkpoints" / f"{which}.pt" if path.is_dir() else path
 
 
 def load_generator(path, device="cpu"):
@@ -148,7 +149,10 @@ def main(argv=None):
     import torchvision.utils as vutils
 
     parser = argparse.ArgumentParser(description="Sample images from an LSGAN checkpoint.")
-    parser.add_argument("checkpoint", help="checkpoints/last.pt, or the run folder that holds it")
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
+    parser.add_argument("--checkpoint", default="last", choices=("last", "best"),
+                        help="which checkpoint of a run folder: last.pt, or best.pt (the best FID of "
+                             "--eval-every)")
     parser.add_argument("--num", type=int, default=64, help="how many images (default: 64)")
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write NUM separate PNG files into --out")
@@ -157,11 +161,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
-    if not checkpoint_path(args.checkpoint).is_file():
-        parser.error(f"no checkpoint at {checkpoint_path(args.checkpoint)}")
+    path = checkpoint_path(args.run, args.checkpoint)
+    if not path.is_file():
+        parser.error(f"no checkpoint at {path}")
+    try:
+        G, z_dim = load_generator(path, args.device)
+    except Exception as error:  # unreadable, or written by another folder's train.py
+        parser.error(f"{path} is not an LSGAN checkpoint ({str(error).strip().splitlines()[0]})")
 
     torch.manual_seed(args.seed)
-    G, z_dim = load_generator(args.checkpoint, args.device)
     images = sample(G, sample_z(args.num, z_dim, args.device)).add(1).div(2)
     out = Path(args.out)
     if args.single:

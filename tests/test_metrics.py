@@ -1,0 +1,352 @@
+"""The sample metrics of the five convolutional folders: IS, FID and KID through torch-fidelity.
+
+The Inception-v3 weights cannot be downloaded on a machine without network, so these tests
+register a small deterministic feature extractor of their own in torch-fidelity's registry and
+drive the real code path with it: `train.main([...])` in-process, as a user's command runs it.
+"""
+import argparse
+import json
+import math
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity import __version__ as torch_fidelity_version
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, NOISE_SOURCE_REGISTRY
+
+from conftest import ROOT, load_folder, scalar_tags, tiny_mnist
+
+FOLDERS = ("DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
+# Small networks; WGAN's 100-iteration critic warm-up off, so that a step is one step.
+QUICK = {
+    "DCGAN": ["--image-size", 32, "--width", 8],
+    "WGAN": ["--image-size", 32, "--width", 8, "--no-critic-warmup"],
+    "WGAN-GP": ["--width", 4],
+    "LSGAN": ["--image-size", 32, "--width", 8],
+    "SN-DCGAN": ["--width", 8],
+}
+EXTRACTOR = "test-pixels"
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+START, END = "# >>> copied: sample metrics >>>", "# <<< copied: sample metrics <<<"
+
+
+class PixelFeatures(FeatureExtractorBase):
+    """A stand-in for Inception-v3: fixed random projections of the 8x8 average-pooled image. "features"
+    (32-d) serve FID and KID, "logits" (10 classes) the Inception Score."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        # Building it draws from the global random stream, as building Inception-v3's layers does ...
+        self.layer = nn.Linear(3 * 8 * 8, 32, bias=False)
+        # ... but its weights are always the same
+        generator = torch.Generator().manual_seed(0)
+        self.layer.weight.data = torch.randn(32, 3 * 8 * 8, generator=generator) / 8
+        self.register_buffer("classes", torch.randn(32, 10, generator=generator) * 5)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3, (x.dtype, x.shape)
+        features = self.layer(F.adaptive_avg_pool2d(x.float() / 255, 8).flatten(1))
+        out = {"features": features, "logits": features @ self.classes}
+        return tuple(out[name] for name in self.features_list)
+
+
+if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(EXTRACTOR, PixelFeatures)
+
+
+def run_main(module, *args):
+    """`module.main(ARGS)` in-process (a folder's train.py or model.py); its exit code. The signal handlers
+    that train.main installs are restored afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = module.main([str(arg) for arg in args])
+    except SystemExit as stopped:
+        code = stopped.code
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return code or 0
+
+
+def train_run(folder, root, run, *args):
+    """A short MNIST run of FOLDER's train.py into RUN; returns RUN."""
+    code = run_main(load_folder(folder).train, "--dataset", "mnist", "--data-root", root, "--batch-size", 8,
+                    "--device", "cpu", "--out", run, *QUICK[folder], *args)
+    assert code == 0
+    return run
+
+
+def snapshot(folder):
+    """Every file under FOLDER with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A data root with a tiny MNIST (600 training and 200 test images): quick to embed."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    tiny_mnist(root / "MNIST" / "raw")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dcgan_run(tiny_root, tmp_path_factory):
+    """A 2-step DCGAN run, left unchanged by the tests that use it."""
+    return train_run("DCGAN", tiny_root, tmp_path_factory.mktemp("dcgan") / "run", "--max-steps", 2)
+
+
+def test_the_metrics_block_is_identical_in_the_five_folders():
+    blocks = {}
+    for folder in FOLDERS:
+        text = (ROOT / folder / "train.py").read_text()
+        assert text.count(START) == 1 and text.count(END) == 1, folder
+        lines = text[text.index(START):text.index(END)].splitlines()
+        blocks[folder] = [line for line in lines if not line.endswith("# per-folder") and "# per-folder:" not in line]
+    for folder in FOLDERS[1:]:
+        assert blocks[folder] == blocks["DCGAN"], folder
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_noise_torch_fidelity_feeds_G_is_the_folders_own_prior(folder):
+    gan = load_folder(folder)
+    torch.manual_seed(0)
+    own = gan.model.sample_z(20000, 8).flatten().double()
+    fed = NOISE_SOURCE_REGISTRY[gan.train.Z_PRIOR](np.random.RandomState(0), (20000, 8)).flatten().double()
+    # the same support (U(-1, 1) is bounded, N(0, 1) is not) and the same quantiles
+    assert (fed.abs().max() <= 1) == (own.abs().max() <= 1)
+    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    assert torch.allclose(own.quantile(quantiles), fed.quantile(quantiles), atol=0.03)
+
+
+class Replay(nn.Module):
+    """A stand-in for G that returns the given uint8 images one batch after another, scaled to [-1, 1]."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.images, self.next = images, 0
+
+    def forward(self, z):
+        batch = self.images[self.next:self.next + len(z)]
+        self.next += len(z)
+        return batch.float() / 127.5 - 1
+
+
+class Noise(nn.Module):
+    """A stand-in for G that returns uniform noise images."""
+
+    def __init__(self, channels, size):
+        super().__init__()
+        self.shape, self.generator = (channels, size, size), torch.Generator().manual_seed(1)
+
+    def forward(self, z):
+        return torch.rand(len(z), *self.shape, generator=self.generator) * 2 - 1
+
+
+def test_fid_of_the_training_set_against_itself_is_zero_and_against_noise_large(tiny_root):
+    train = load_folder("DCGAN").train
+    args = argparse.Namespace(dataset="mnist", data_root=str(tiny_root), image_size=32, eval_real="train",
+                              z_dim=100, seed=0, feature_extractor=EXTRACTOR, inception_weights=None)
+    real = train.RealSet(args)
+    images = real.dataset.images
+    assert images.dtype == torch.uint8 and images.shape == (600, 1, 32, 32)
+    itself = train.sample_metrics(Replay(images), args, torch.device("cpu"), real, len(images))
+    noise = train.sample_metrics(Noise(1, 32), args, torch.device("cpu"), real, len(images))
+    assert all(math.isfinite(v) for v in [*itself.values(), *noise.values()])
+    assert abs(itself["fid"]) < 1e-6 and noise["fid"] > 1
+    assert abs(itself["kid"]) < 1e-3 * noise["kid"]
+    assert itself["inception_score"] > 1 and abs(itself["inception_score"] - noise["inception_score"]) > 0.1
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_root, tmp_path, capsys):
+    gan = load_folder(folder)
+    run = train_run(folder, tiny_root, tmp_path / "run", "--max-steps", 2)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(snapshot(run)) - set(before) == {"metrics.json"}
+    assert f"FID: {metrics['fid']:.3f}" in out
+    assert f"Inception Score: {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}" in out
+    assert f"KID: {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}" in out
+    assert metrics["folder"] == folder and metrics["step"] == 2 and metrics["samples"] == 100
+    assert metrics["checkpoint"] == str((run / "checkpoints" / "last.pt").resolve())
+    assert (metrics["dataset"], metrics["image_size"], metrics["real_split"], metrics["real_images"]) == \
+        ("mnist", 32, "train", 600)
+    assert metrics["torch_fidelity"] == torch_fidelity_version and metrics["feature_extractor"] == EXTRACTOR
+    assert metrics["z_prior"] == gan.train.Z_PRIOR and metrics["isc_splits"] == 10
+    assert (metrics["kid_subsets"], metrics["kid_subset_size"]) == (100, 100)
+    scores = [metrics[k] for k in ("inception_score", "inception_score_std", "fid", "kid", "kid_std")]
+    assert all(math.isfinite(v) for v in scores) and metrics["fid"] > 0
+
+    # the same command gives the same numbers; the test split gives others
+    assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR) == 0
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR,
+                    "--eval-real", "test") == 0
+    test = json.loads((run / "metrics.json").read_text())
+    assert (test["real_split"], test["real_images"]) == ("test", 200) and test["fid"] != metrics["fid"]
+
+
+def test_the_real_features_are_computed_once_and_cached_under_the_data_root(dcgan_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    train = load_folder("DCGAN").train
+    root = tmp_path / "data"
+    shutil.copytree(json.loads((dcgan_run / "args.json").read_text())["data_root"] + "/MNIST", root / "MNIST")
+    evaluate = ["--evaluate", dcgan_run, "--eval-samples", 50, "--feature-extractor", EXTRACTOR, "--data-root", root]
+    embedded = []
+    real_getitems = train.RealImages.__getitems__
+    monkeypatch.setattr(train.RealImages, "__getitems__", lambda self, i: embedded.append(len(i)) or
+                        real_getitems(self, i))
+    assert run_main(train, *evaluate) == 0
+    assert sum(embedded) == 600
+    cached = sorted(p.name for p in (root / ".fidelity-cache").iterdir())
+    assert cached and all(name.startswith("mnist-train-32px-600-") and f"-{EXTRACTOR}-" in name for name in cached)
+    first = json.loads((dcgan_run / "metrics.json").read_text())
+    embedded.clear()
+    assert run_main(train, *evaluate) == 0
+    assert embedded == []  # only the samples were embedded
+    assert json.loads((dcgan_run / "metrics.json").read_text()) == first
+
+    # a data root where the cache cannot be written: torch's own folder, and a line that says so
+    blocked = tmp_path / "blocked"
+    shutil.copytree(root / "MNIST", blocked / "MNIST")
+    (blocked / ".fidelity-cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    capsys.readouterr()
+    assert run_main(train, "--evaluate", dcgan_run, "--eval-samples", 50, "--feature-extractor", EXTRACTOR,
+                    "--data-root", blocked) == 0
+    assert f"not writable; the real set's features are cached in {tmp_path / 'torch' / 'fidelity_cache'}" in \
+        capsys.readouterr().out
+    assert any((tmp_path / "torch" / "fidelity_cache").glob(f"mnist-train-32px-600-*-{EXTRACTOR}-*"))
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_eval_every_logs_the_scores_and_keeps_the_best_checkpoint(folder, tiny_root, tmp_path):
+    gan = load_folder(folder)
+    run = train_run(folder, tiny_root, tmp_path / "run", "--max-steps", 4, "--eval-every", 2,
+                    "--eval-every-samples", 50, "--feature-extractor", EXTRACTOR)
+    tags = scalar_tags(run)
+    for tag in ("metrics/fid", "metrics/is", "metrics/kid"):
+        assert [step for step, _ in tags[tag]] == [2, 4], tag
+        assert all(math.isfinite(value) for _, value in tags[tag])
+    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    fids = dict(tags["metrics/fid"])
+    assert best["step"] == min(fids, key=fids.get) == best["best"]["step"]
+    assert best["best"]["fid"] == pytest.approx(min(fids.values()), rel=1e-6)
+    assert last["best"] == best["best"] and last["step"] == 4
+    if best["step"] == 4:
+        assert all(torch.equal(v, last["G"][k]) for k, v in best["G"].items())
+
+    # model.py samples from best.pt (the copy has no last.pt); --resume continues from it
+    shutil.copytree(run, tmp_path / "copy")
+    (tmp_path / "copy" / "checkpoints" / "last.pt").unlink()
+    assert run_main(gan.model, tmp_path / "copy", "--checkpoint", "best", "--num", 4, "--out", tmp_path / "grid.png",
+                    "--device", "cpu") == 0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    assert run_main(gan.train, "--resume", tmp_path / "copy" / "checkpoints" / "best.pt", "--max-steps", 5) == 0
+    resumed = torch.load(tmp_path / "copy" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert resumed["step"] == 5 and resumed["best"]["step"] == best["step"]
+
+
+def test_eval_every_leaves_training_unchanged_and_resumes_exactly(tiny_root, tmp_path):
+    evaluating = ["--eval-every", 1, "--eval-every-samples", 50, "--feature-extractor", EXTRACTOR]
+    straight = train_run("DCGAN", tiny_root, tmp_path / "straight", "--max-steps", 4, *evaluating)
+    split = train_run("DCGAN", tiny_root, tmp_path / "split", "--max-steps", 2, *evaluating)
+    assert run_main(load_folder("DCGAN").train, "--resume", split, "--max-steps", 4) == 0
+    plain = train_run("DCGAN", tiny_root, tmp_path / "plain", "--max-steps", 4)
+    runs = {name: torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+            for name, path in (("straight", straight), ("split", split), ("plain", plain))}
+    for net in ("G", "D"):
+        for name, value in runs["straight"][net].items():
+            assert torch.equal(value, runs["split"][net][name]), (net, name)
+            assert torch.equal(value, runs["plain"][net][name]), (net, name)  # evaluating moved no RNG stream
+    assert runs["straight"]["best"] == runs["split"]["best"] and runs["plain"]["best"] is None
+    assert scalar_tags(straight)["metrics/fid"] == scalar_tags(split)["metrics/fid"]
+    best = {name: torch.load(path / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+            for name, path in (("straight", straight), ("split", split))}
+    assert all(torch.equal(v, best["split"]["G"][k]) for k, v in best["straight"]["G"].items())
+
+
+def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_run, tiny_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    train = load_folder("DCGAN").train
+    # No weights in torch's folder, and every download refused at once by a proxy on a closed local port.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    before = snapshot(dcgan_run)
+    capsys.readouterr()
+    assert run_main(train, "--evaluate", dcgan_run, "--eval-samples", 20) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert WEIGHTS_FILE in err and str(tmp_path / "empty" / "hub" / "checkpoints") in err
+    assert "--inception-weights" in err
+    assert not (tmp_path / "empty" / "hub" / "checkpoints" / WEIGHTS_FILE).exists()
+    assert snapshot(dcgan_run) == before
+
+    # training with --eval-every stops before it creates anything
+    assert run_main(train, "--dataset", "mnist", "--data-root", tiny_root, "--max-steps", 2, "--eval-every", 1,
+                    "--out", tmp_path / "new", *QUICK["DCGAN"]) == 2
+    assert WEIGHTS_FILE in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+    # a local weights file that is not one
+    (tmp_path / "bad.pth").write_bytes(b"not a state dict")
+    assert run_main(train, "--evaluate", dcgan_run, "--eval-samples", 20, "--inception-weights",
+                    tmp_path / "bad.pth") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--inception-weights {tmp_path / 'bad.pth'}" in err
+    assert snapshot(dcgan_run) == before
+
+
+def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny_root, tmp_path, capsys):
+    gan = load_folder("DCGAN")
+    wgan = train_run("WGAN", tiny_root, tmp_path / "wgan", "--max-steps", 1)
+    before = snapshot(dcgan_run)
+    cases = [
+        (["--evaluate", tmp_path / "nothing"], "no checkpoint"),
+        (["--evaluate", wgan], "another folder"),
+        (["--evaluate", dcgan_run, "--eval-samples", 0], "--eval-samples"),
+        (["--evaluate", dcgan_run, "--lr", 0.1], "lr cannot change"),
+        (["--evaluate", dcgan_run, "--feature-extractor", "nosuch"], "nosuch"),
+        (["--evaluate", dcgan_run, "--inception-weights", tmp_path / "nothing.pth"], "nothing.pth"),
+        (["--evaluate", dcgan_run, "--resume", dcgan_run], "exclude"),
+    ]
+    for args, words in cases:
+        capsys.readouterr()
+        assert run_main(gan.train, *args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err and "error:" in err, (args, err)
+    assert snapshot(dcgan_run) == before
+    assert run_main(gan.train, "--dataset", "mnist", "--data-root", tiny_root, "--eval-every", 0,
+                    "--out", tmp_path / "new") == 2
+    assert "--eval-every must be at least 1" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # model.py: a checkpoint of another folder, and a best.pt that was never written
+    assert run_main(gan.model, wgan, "--out", tmp_path / "grid.png", "--device", "cpu") == 2
+    assert "not a DCGAN checkpoint" in capsys.readouterr().err
+    assert run_main(gan.model, dcgan_run, "--checkpoint", "best", "--device", "cpu") == 2
+    assert "best.pt" in capsys.readouterr().err
+    assert snapshot(dcgan_run) == before
