@@ -131,9 +131,22 @@ def sample(G, z, labels, dropout=False):
     return images
 
 
-# >>> copied: checkpoint files >>>
+# >>> copied: files and errors >>>
 FOLDER = "CGAN"  # per-folder
 FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
+
+
+def fail(message, code=2):
+    """A one-line error and exit code 2, for a problem the user can fix (code 1: a training run diverged)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with a bad flag reported in one line, without the usage block; the message names the flag."""
+
+    def error(self, message):
+        fail(message)
 
 
 class CheckpointError(Exception):
@@ -199,10 +212,8 @@ def write_images(images, out, single, nrow, names=None):
             out.parent.mkdir(parents=True, exist_ok=True)
             vutils.save_image(images, out, nrow=nrow, padding=2)
     except OSError as error:
-        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        print(f"{Path(sys.argv[0]).name}: error: cannot write {out}: {reason}", file=sys.stderr)
-        sys.exit(2)
-# <<< copied: checkpoint files <<<
+        fail(f"cannot write {out}: {'the disk is full' if error.errno == errno.ENOSPC else error.strerror or error}")
+# <<< copied: files and errors <<<
 
 
 def load_generator(checkpoint, device="cpu"):
@@ -214,7 +225,7 @@ def load_generator(checkpoint, device="cpu"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample digits from a conditional GAN checkpoint.")
+    parser = FlagParser(description="Sample digits from a conditional GAN checkpoint.")
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
     parser.add_argument("--digit", type=int, default=None,
                         help="draw only this class (0-9); default: one row per digit, 0 to 9")
@@ -232,6 +243,10 @@ def main(argv=None):
         parser.error(f"--num must be at least 1, got {args.num}")
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
     check_output(parser, args.out, args.single)

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from dataset import DATASETS, VALID_SIZE, Batches, DataError, load_labelled, split_validation, to_unit
 from model import (CLASSES, D_IRANGE, DROPOUT, FOLDER, FORMAT, G_IRANGE, IMAGE_SIZE, Z_DIM, CheckpointError,
-                   Discriminator, Generator, checkpoint_path, grid_inputs, init_output_bias, init_weights,
-                   read_checkpoint, sample, sample_z)
+                   Discriminator, FlagParser, Generator, checkpoint_path, fail, grid_inputs, init_output_bias,
+                   init_weights, read_checkpoint, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
 PER_ROW = 10  # the fixed grid: 10 rows (digits 0 to 9) of 10 samples, one z per column
@@ -404,19 +404,6 @@ def bf16_forward(net, device_type):
 # Everything below runs the paper's loop: the flags of --resume and --evaluate, the run folder, checkpoints,
 # logs, signals and the NaN guard. It is the same in the seven train.py files apart from lines marked
 # per-folder, and tests/test_copies.py keeps it so.
-
-
-def fail(message, code=2):
-    """A one-line error and exit code 2, for a problem the user can fix (code 1: the run diverged)."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse with a bad flag reported in one line, without the usage block; the message names the flag."""
-
-    def error(self, message):
-        fail(message)
 
 
 def parse_args(argv):

@@ -37,8 +37,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dataset import DATASETS, Batches, DataError, load_images, pixel_means, to_unit_range
-from model import (D_WIDTH, FOLDER, FORMAT, G_WIDTH, Z_DIM, CheckpointError, Discriminator, Generator,
-                   checkpoint_path, init_discriminator, init_generator, read_checkpoint, sample, sample_z)
+from model import (D_WIDTH, FOLDER, FORMAT, G_WIDTH, Z_DIM, CheckpointError, Discriminator, FlagParser, Generator,
+                   checkpoint_path, fail, init_discriminator, init_generator, read_checkpoint, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
 GRID = 100  # fixed-noise samples in each grid (10 x 10)
@@ -415,19 +415,6 @@ def bf16_forward(net, device_type):
 # Everything below runs the paper's loop: the flags of --resume and --evaluate, the run folder, checkpoints,
 # logs, signals and the NaN guard. It is the same in the seven train.py files apart from lines marked
 # per-folder, and tests/test_copies.py keeps it so.
-
-
-def fail(message, code=2):
-    """A one-line error and exit code 2, for a problem the user can fix (code 1: the run diverged)."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse with a bad flag reported in one line, without the usage block; the message names the flag."""
-
-    def error(self, message):
-        fail(message)
 
 
 def parse_args(argv):
