@@ -197,6 +197,38 @@ def check_output(parser, out, single):
         parser.error(f"--out {out}: {parent} is not a writable folder")
 
 
+def add_sampling_flags(parser, num_help):
+    """model.py's flags, the same in every folder."""
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                        help="in a run folder: best = checkpoints/best.pt when the run kept one (train.py "
+                             "--eval-every or --select-every), else last.pt; last = checkpoints/last.pt")
+    parser.add_argument("--num", type=int, default=None, help=num_help)
+    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
+    parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+
+
+def read_sampling_flags(parser, argv):
+    """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
+    args = parser.parse_args(argv)
+    if args.num is not None and args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
+    check_output(parser, args.out, args.single)
+    try:
+        checkpoint = read_checkpoint(checkpoint_path(args.run, best=args.checkpoint == "best"))
+    except CheckpointError as error:
+        parser.error(str(error))
+    return args, checkpoint
+
+
 def write_images(images, out, single, nrow, names=None):
     """The grid as one PNG file, or with `single` one PNG file per image (00000.png, ... unless `names` are
     given); a failed write is one line."""
@@ -226,38 +258,24 @@ def load_generator(checkpoint, device="cpu"):
 
 def main(argv=None):
     parser = FlagParser(description="Sample digits from a conditional GAN checkpoint.")
-    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
+    add_sampling_flags(parser, num_help="images of --digit (default 64), or images per row of the per-digit grid "
+                                        "(default 10)")
     parser.add_argument("--digit", type=int, default=None,
                         help="draw only this class (0-9); default: one row per digit, 0 to 9")
-    parser.add_argument("--num", type=int, default=None,
-                        help="images of --digit (default 64), or images per row of the per-digit grid (default 10)")
-    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
-    parser.add_argument("--single", action="store_true", help="write separate PNG files into --out")
     parser.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="keep G's dropout on, as in training and in train.py's grids and --evaluate "
                              "(default: on; --no-sampling-dropout samples in eval mode)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for z and G's dropout masks (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    args = parser.parse_args(argv)
-    if args.num is not None and args.num < 1:
-        parser.error(f"--num must be at least 1, got {args.num}")
+    args, checkpoint = read_sampling_flags(parser, argv)
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
-    check_output(parser, args.out, args.single)
     try:
-        checkpoint = read_checkpoint(checkpoint_path(args.checkpoint, best=True))
-    except CheckpointError as error:
-        parser.error(str(error))
+        G = load_generator(checkpoint, args.device)
+    except (KeyError, RuntimeError) as error:  # weights of other networks
+        parser.error(f"{args.run}: the checkpoint's G does not fit CGAN's generator ({error})")
 
+    # z and G's dropout masks both come from --seed
     torch.manual_seed(args.seed)
-    G = load_generator(checkpoint, args.device)
-    z_dim = G.z_path[0].in_features
+    z_dim = checkpoint["args"]["z_dim"]
     if args.digit is None:
         per_row = args.num or 10
         z, labels = grid_inputs(per_row, z_dim, args.device)

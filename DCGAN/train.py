@@ -12,7 +12,7 @@ each with Adam(lr 0.0002, beta1 0.5) and z ~ U(-1, 1)^100.
 """
 import argparse
 import contextlib
-import copy
+import errno
 import functools
 import hashlib
 import json
@@ -41,203 +41,15 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, NOISE_SOURCE_REGISTRY
 from tqdm import tqdm
 
-from dataset import CHANNELS, DATASETS, Batches, DataError, load_images
-from model import WIDTH, Z_DIM, Discriminator, Generator, checkpoint_path, init_weights, sample, sample_z
+from dataset import CHANNELS, DATASETS, LSUN_CLASSES, Batches, DataError, load_images
+from model import (FOLDER, FORMAT, WIDTH, Z_DIM, CheckpointError, Discriminator, FlagParser, Generator,
+                   checkpoint_path, fail, init_weights, read_checkpoint, sample, sample_z)
 
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
 RESUMABLE = {"resume", "data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every",
              "compile", "eval_every", "inception_weights"}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="training data; the paper used LSUN, faces and ImageNet, this default downloads by itself")
-    p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
-    p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="Fig. 1: 64x64")
-    p.add_argument("--batch-size", type=int, default=128, help="§4: mini-batch size of 128")
-    p.add_argument("--lr", type=float, default=2e-4, help="§4: Adam learning rate 0.0002")
-    p.add_argument("--beta1", type=float, default=0.5, help="§4: Adam momentum term beta1 0.5")
-    p.add_argument("--beta2", type=float, default=0.999, help="§4 keeps Adam's suggested beta2")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="L2 weight decay; not in the paper, the official code uses 1e-5")
-    p.add_argument("--z-dim", type=int, default=Z_DIM, help="Fig. 1: 100-dimensional z")
-    p.add_argument("--width", type=int, default=WIDTH,
-                   help="channels of G's last and D's first hidden layer; Fig. 1: 128 (1024 at 4x4)")
-    p.add_argument("--epochs", type=int, default=25,
-                   help="official code: niter = 25 (the paper gives none); one D and one G update per minibatch "
-                        "give each network twice the official code's updates, which alternates them")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
-    add_speed_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
-    p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between fixed-noise sample grids")
-    p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    add_metric_flags(p)
-    return p
-
-
-def parse_args(argv):
-    """The run's configuration, and the checkpoint to continue from (None for a new run)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.evaluate:
-        return evaluation_args(parser, argv, args)
-    checkpoint = None
-    if args.resume:
-        path = checkpoint_path(args.resume)
-        if not path.is_file():
-            parser.error(f"--resume {args.resume}: no checkpoint at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            parser.error(f"--resume {args.resume}: {path} is not a readable checkpoint ({error})")
-        # The run continues with its own configuration; only RESUMABLE flags may be given.
-        quiet = copy.deepcopy(parser)
-        for action in quiet._actions:
-            action.default = argparse.SUPPRESS
-        given = vars(quiet.parse_args(argv))
-        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != checkpoint["args"].get(k))
-        if changed:
-            parser.error(f"--resume continues a run with its own configuration; {', '.join(changed)} cannot "
-                         f"change (allowed: {', '.join(sorted(RESUMABLE - {'resume'}))})")
-        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "out": str(path.parent.parent)})
-    check_args(parser, args)
-    return args, checkpoint
-
-
-def check_args(parser, args):
-    for name in ("batch_size", "z_dim", "width", "epochs", "sample_every", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        parser.error(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1} and {args.beta2}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be non-negative, got {args.weight_decay}")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    check_metric_args(args)
-
-
-def fail(message, code=2):
-    """A one-line error, no traceback, for a problem the user can fix."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Atomic: a reader (or a kill -9) never sees a half-written last.pt."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def write_gif(samples_dir, path, max_frames=100):
-    frames = sorted(samples_dir.glob("step_*.png"))
-    if frames:
-        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
-        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.signal = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-
-# >>> copied: speed >>>
-# The networks that --compile compiles. torch.compile cannot differentiate a gradient a second time
-# (double backward), so a network whose input gradient enters the loss (a gradient penalty) stays eager.
-COMPILED = ("G", "D")  # per-folder
-
-
-def add_speed_flags(p):
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
-                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
-                        "state stay float32. Part of the run's configuration: --resume keeps it")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
-                        "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
-                        "matches an uninterrupted one only up to rounding")
-
-
-def speed_up(networks, precision, compile, device):
-    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
-    state_dict keys do not change, so checkpoints are the same with and without them."""
-    for name, net in networks.items():
-        if precision == "bf16":
-            net.forward = bf16_forward(net, device.type)
-        if compile and name in COMPILED:
-            # One graph per input shape (dynamic=False): the sample grid's batch leaves the training graph static.
-            net.compile(dynamic=False)
-    if compile:
-        print(f"--compile: {' and '.join(n for n in networks if n in COMPILED)} compile during the first steps")
-
-
-def bf16_forward(net, device_type):
-    """net.forward under bfloat16 autocast, with its output returned as float32.
-
-    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so
-    the float32 parameters remain the master weights and every loss is computed in float32.
-    Parametrized weights (spectral norm's W / sigma(W)) are computed first, outside autocast: the
-    power iteration and sigma stay float32, and cached() keeps them to one computation, so one
-    power iteration, per forward.
-    """
-    forward = net.forward
-    parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
-                    for name in module.parametrizations]
-
-    def forward_in_bf16(*inputs):
-        with parametrize.cached():
-            for module, name in parametrized:
-                getattr(module, name)
-            with torch.autocast(device_type, torch.bfloat16):
-                output = forward(*inputs)
-        return output.float()
-
-    return forward_in_bf16
-# <<< copied: speed <<<
-
 
 def discriminator_step(G, D, opt_D, x, z):
     """Alg. 1, D's update: ascend log D(x) + log(1 - D(G(z))). G is held fixed: its output carries no graph."""
@@ -264,18 +76,117 @@ def generator_step(G, D, opt_G, z):
     return loss.detach()
 
 
+def main(argv=None):
+    args, checkpoint = parse_args(argv)
+    device = pick_device(args)
+    seed_everything(args.seed)
+    if args.evaluate:
+        return evaluate_checkpoint(args, checkpoint, device)
+    if args.eval_every:
+        check_feature_extractor(args, device)
+    try:
+        images = training_images(args)
+        batches = Batches(images, args.batch_size, device, args.seed, data_on=args.data_on)
+    except DataError as error:
+        fail(error)
+    args.channels = CHANNELS[args.dataset]
+
+    G = Generator(args.image_size, args.channels, args.z_dim, args.width).to(device)
+    D = Discriminator(args.image_size, args.channels, args.width).to(device)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    # §4: Adam with lr 0.0002 and beta1 0.5 for both networks
+    opt_G = torch.optim.Adam(G.parameters(), args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
+    opt_D = torch.optim.Adam(D.parameters(), args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
+    run = Run(args, checkpoint, {"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, batches,
+              fixed_z=sample_z(GRID, args.z_dim, device), total=args.epochs * batches.per_epoch,
+              title=f"DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x"
+                    f"{args.channels}, {batches.per_epoch} steps per epoch; data {batches.placement})",
+              grid=lambda z: vutils.make_grid(sample(G, z), nrow=8, normalize=True, value_range=(-1, 1)),
+              metric=TrainingMetrics(G, args, device), eval_every=args.eval_every, higher_is_better=False)
+
+    while run.running():
+        # D's update on a minibatch of m examples x and m noise samples z
+        x = next(batches)
+        loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device))
+        # G's update on a fresh minibatch of m noise samples z
+        loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
+        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z})
+    return run.finish()
+
+
+def training_images(args):
+    """The training set as a uint8 tensor (N, C, H, W), decoded once (see dataset.py)."""
+    return load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir,
+                       strict=args.strict_images, lsun_classes=args.lsun_classes)
+
+
+def build_parser():
+    p = FlagParser(description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                   help="training data; the paper used LSUN, faces and ImageNet, this default downloads by itself")
+    p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
+    p.add_argument("--lsun-classes", nargs="+", default=list(LSUN_CLASSES), metavar="SET",
+                   help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun; §4.1: the LSUN bedrooms")
+    p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
+                   help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
+                        "memory, else host memory, else a memory-mapped file; the batches are the same")
+    p.add_argument("--cache-dir", default=None,
+                   help="where image folders, CelebA and LSUN are cached once decoded (default: beside the data, "
+                        "or ~/.cache/gan-papers when that is read-only)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="stop at an image file that does not decode (default: leave it out with a warning)")
+    p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="Fig. 1: 64x64")
+    p.add_argument("--batch-size", type=int, default=128, help="§4: mini-batch size of 128")
+    p.add_argument("--lr", type=float, default=2e-4, help="§4: Adam learning rate 0.0002")
+    p.add_argument("--beta1", type=float, default=0.5, help="§4: Adam momentum term beta1 0.5")
+    p.add_argument("--beta2", type=float, default=0.999, help="§4 keeps Adam's suggested beta2")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay; not in the paper, the official code uses 1e-5")
+    p.add_argument("--z-dim", type=int, default=Z_DIM, help="Fig. 1: 100-dimensional z")
+    p.add_argument("--width", type=int, default=WIDTH,
+                   help="channels of G's last and D's first hidden layer; Fig. 1: 128 (1024 at 4x4)")
+    p.add_argument("--epochs", type=int, default=25,
+                   help="official code: niter = 25 (the paper gives none); one D and one G update per minibatch "
+                        "give each network twice the official code's updates, which alternates them")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    add_speed_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between fixed-noise sample grids")
+    p.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    add_metric_flags(p)
+    return p
+
+
+def check_args(parser, args):
+    """The paper's flags, each inside its domain; the flags every folder shares are checked by check_run_flags."""
+    for name in ("batch_size", "z_dim", "width", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        parser.error(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1} and {args.beta2}")
+    if not 0 <= args.weight_decay < math.inf:
+        parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
+    check_metric_args(args)
+
+
 # >>> copied: sample metrics >>>
 # The papers' yardstick: Inception Score (Salimans et al. 2016), FID (Heusel et al. 2017) and KID (Binkowski et al.
 # 2018), all computed by torch-fidelity. G's samples and the real images go to it as uint8 tensors, never as files.
-FOLDER = "DCGAN"  # per-folder
 # model.sample_z's prior, as torch-fidelity names its noise sources (uniform_-1_1 is registered below)
 Z_PRIOR = "uniform_-1_1"  # per-folder: Fig. 1, z ~ U(-1, 1)
 ISC_SPLITS = 10  # Salimans et al. 2016 (official code, inception_score.py): the mean and std over 10 splits
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018 (torch-fidelity's defaults): 100 subsets of 1000
 EVAL_BATCH = 64  # images per forward pass of G and of the feature extractor (torch-fidelity's default)
 # Flags that may be given with --evaluate; everything else comes from the run's own configuration.
-EVALUABLE = {"evaluate", "data_root", "device", "seed", "eval_samples", "eval_real", "feature_extractor",
-             "inception_weights"}
+EVALUABLE = {"data_root", "device", "seed", "eval_samples", "eval_real", "feature_extractor", "inception_weights"}
 # Data sets with a test split for --eval-real test (torchvision reads them as whole arrays).
 TEST_SPLITS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
                "cifar10": torchvision.datasets.CIFAR10}
@@ -287,8 +198,8 @@ if "uniform_-1_1" not in NOISE_SOURCE_REGISTRY:
 
 def add_metric_flags(p):
     p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="print the Inception Score, FID and KID of a trained G (a run folder's checkpoints/last.pt, "
-                        "or a checkpoint file such as checkpoints/best.pt), write metrics.json into its run "
+                   help="print the Inception Score, FID and KID of a trained G (a run folder's checkpoints/best.pt "
+                        "when it kept one, else its last.pt; or a checkpoint file), write metrics.json into its run "
                         "folder, and exit")
     p.add_argument("--eval-samples", type=int, default=50_000,
                    help="samples of G that --evaluate scores; 50,000 in 10 splits is the IS protocol of Salimans "
@@ -326,38 +237,6 @@ def check_metric_args(args):
              f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         fail(f"--inception-weights {args.inception_weights}: no such file")
-
-
-def evaluation_args(parser, argv, args):
-    """--evaluate: the configuration of the run that wrote the checkpoint, and the checkpoint."""
-    if args.resume:
-        fail("--resume and --evaluate exclude each other")
-    path = checkpoint_path(args.evaluate)
-    if not path.is_file():
-        fail(f"--evaluate {args.evaluate}: no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"--evaluate {args.evaluate}: {path} is not a readable checkpoint ({reason_of(error)})")
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict) and "G" in checkpoint):
-        fail(f"--evaluate {args.evaluate}: {path} is not a checkpoint written by train.py")
-    # Every folder has flags of its own, and a checkpoint records the flags of the train.py that wrote it.
-    foreign = sorted(set(checkpoint["args"]) - {action.dest for action in parser._actions} - {"channels"})
-    if foreign:
-        fail(f"--evaluate {args.evaluate}: {path} was written by another folder's train.py (its "
-             f"settings {', '.join(foreign)} are not {FOLDER}'s)")
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(quiet.parse_args(argv))
-    changed = sorted(k for k, v in given.items() if k not in EVALUABLE and v != checkpoint["args"].get(k))
-    if changed:
-        fail(f"--evaluate uses the run's own configuration; {', '.join(changed)} cannot change "
-             f"(allowed: {', '.join(sorted(EVALUABLE - {'evaluate'}))})")
-    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": None, "out": str(run)})
-    check_args(parser, args)
-    return args, checkpoint
 
 
 def reason_of(error):
@@ -429,7 +308,7 @@ def real_images(args):
     """The real set as a CPU uint8 tensor (N, C, H, W): the training set exactly as train.py trains on it, or
     the test split prepared the same way (the whole image resized once, antialiased, rounded to uint8)."""
     if args.eval_real == "train":
-        return load_images(args.dataset, args.data_root, args.image_size)
+        return training_images(args)
     try:
         data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
     except Exception as error:  # missing or corrupt files, or a failed download
@@ -581,15 +460,15 @@ def evaluate_checkpoint(args, checkpoint, device):
     if writable_folder(run) is None:
         fail(f"cannot write metrics.json into the run folder {run}")
     check_feature_extractor(args, device)
-    G = Generator(args.image_size, args.channels, args.z_dim, args.width).to(device)
+    G = Generator(args.image_size, args.channels, args.z_dim, args.width)
     try:
         G.load_state_dict(checkpoint["G"])
-    except RuntimeError as error:
+    except (KeyError, RuntimeError) as error:
         fail(f"--evaluate {args.evaluate}: G's weights do not fit {FOLDER}'s generator ({reason_of(error)})")
     real = RealSet(args)
-    path = checkpoint_path(args.evaluate)
+    path = checkpoint_path(args.evaluate, best=True)
     print(f"{FOLDER}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
-    scores = sample_metrics(G, args, device, real, args.eval_samples)
+    scores = sample_metrics(G.to(device), args, device, real, args.eval_samples)
     report_metrics(scores, args.eval_samples, real)
     record = {"folder": FOLDER, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
               "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
@@ -599,164 +478,412 @@ def evaluate_checkpoint(args, checkpoint, device):
               "feature_extractor_weights": args.inception_weights or (
                   inception_weights_file() if args.feature_extractor == "inception-v3-compat" else "default"),
               "torch_fidelity": torch_fidelity_version, "device": str(device)}
-    temporary = run / "metrics.json.tmp"
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, run / "metrics.json")
+    with writing(run / "metrics.json"):
+        temporary = run / "metrics.json.tmp"
+        try:
+            temporary.write_text(json.dumps(record, indent=2))
+            os.replace(temporary, run / "metrics.json")
+        finally:
+            temporary.unlink(missing_ok=True)
     print(f"wrote {run / 'metrics.json'}")
     return 0
 
 
-class MetricsDuringTraining:
-    """--eval-every: IS, FID and KID every N steps, logged as metrics/...; the best FID so far is part of the
-    checkpoint, and its weights are kept as checkpoints/best.pt."""
+class TrainingMetrics:
+    """--eval-every: IS, FID and KID of --eval-every-samples samples of G, logged as metrics/...; the run keeps
+    the checkpoint of the lowest FID as checkpoints/best.pt."""
 
-    def __init__(self, args, device, checkpoint):
-        self.args, self.device = args, device
-        self.best = checkpoint.get("best") if checkpoint is not None else None
-        self.real = None
-        if args.eval_every:
-            check_feature_extractor(args, device)
+    def __init__(self, G, args, device):
+        self.G, self.args, self.device, self.real = G, args, device, None
 
-    def due(self, step):
-        return self.args.eval_every is not None and step % self.args.eval_every == 0
-
-    def update(self, G, step, writer, save_best):
-        """Score G at this step; call save_best() when its FID is the best so far (after self.best is updated)."""
+    def __call__(self):
         if self.real is None:
             self.real = RealSet(self.args)
-        scores = sample_metrics(G, self.args, self.device, self.real, self.args.eval_every_samples)
-        writer.add_scalar("metrics/fid", scores["fid"], step)
-        writer.add_scalar("metrics/is", scores["inception_score"], step)
-        writer.add_scalar("metrics/kid", scores["kid"], step)
-        if math.isfinite(scores["fid"]) and (self.best is None or scores["fid"] < self.best["fid"]):
-            self.best = {"fid": scores["fid"], "step": step, "samples": self.args.eval_every_samples}
-            save_best()
-        best = f"; best FID {self.best['fid']:.3f} at step {self.best['step']}" if self.best else ""
-        tqdm.write(f"step {step}: FID {scores['fid']:.3f}, IS {scores['inception_score']:.3f}, KID "
-                   f"{scores['kid']:.5f} ({self.args.eval_every_samples} samples){best}")
+        scores = sample_metrics(self.G, self.args, self.device, self.real, self.args.eval_every_samples)
+        tqdm.write(f"FID {scores['fid']:.3f}, IS {scores['inception_score']:.3f}, KID {scores['kid']:.5f} "
+                   f"({self.args.eval_every_samples} samples)")
+        scalars = {"metrics/fid": scores["fid"], "metrics/is": scores["inception_score"], "metrics/kid": scores["kid"]}
+        return scalars, scores["fid"]
+
+
 # <<< copied: sample metrics <<<
 
 
-def main(argv=None):
-    args, checkpoint = parse_args(argv)
+# >>> copied: speed >>>
+# The networks that --compile compiles. torch.compile cannot differentiate a gradient a second time
+# (double backward), so a network whose input gradient enters the loss (a gradient penalty) stays eager.
+COMPILED = ("G", "D")  # per-folder
+
+
+def add_speed_flags(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
+                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
+                        "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
+                        "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
+                        "matches an uninterrupted one only up to rounding")
+
+
+def speed_up(networks, precision, compile, device):
+    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
+    state_dict keys do not change, so checkpoints are the same with and without them."""
+    for name, net in networks.items():
+        if precision == "bf16":
+            net.forward = bf16_forward(net, device.type)
+        if compile and name in COMPILED:
+            # One graph per input shape (dynamic=False): the sample grid's batch leaves the training graph static.
+            net.compile(dynamic=False)
+    if compile:
+        print(f"--compile: {' and '.join(n for n in networks if n in COMPILED)} compile during the first steps")
+
+
+def bf16_forward(net, device_type):
+    """net.forward under bfloat16 autocast, with its output returned as float32.
+
+    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so
+    the float32 parameters remain the master weights and every loss is computed in float32.
+    Parametrized weights (spectral norm's W / sigma(W)) are computed first, outside autocast: the
+    power iteration and sigma stay float32, and cached() keeps them to one computation, so one
+    power iteration, per forward.
+    """
+    forward = net.forward
+    parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
+                    for name in module.parametrizations]
+
+    def forward_in_bf16(*inputs):
+        with parametrize.cached():
+            for module, name in parametrized:
+                getattr(module, name)
+            with torch.autocast(device_type, torch.bfloat16):
+                output = forward(*inputs)
+        return output.float()
+
+    return forward_in_bf16
+# <<< copied: speed <<<
+
+
+# >>> copied: run management >>>
+# Everything below runs the paper's loop: the flags of --resume and --evaluate, the run folder, checkpoints,
+# logs, signals and the NaN guard. It is the same in the seven train.py files apart from lines marked
+# per-folder, and tests/test_copies.py keeps it so.
+
+
+def parse_args(argv):
+    """The run's configuration and, with --resume or --evaluate, the checkpoint it continues or scores."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.resume and args.evaluate:
+        parser.error("give --resume or --evaluate, not both")
+    if args.resume or args.evaluate:
+        flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
+        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as error:
+            parser.error(f"{flag}: {error}")
+        # the run keeps its own configuration: only the flags in `allowed` may differ from it
+        given = explicit_flags(parser, argv)
+        changed = sorted(f"--{name.replace('_', '-')}" for name, value in given.items()
+                         if name not in allowed | {"resume", "evaluate"} and value != checkpoint["args"].get(name))
+        if changed:
+            parser.error(f"{flag} uses the run's own configuration; {', '.join(changed)} cannot change (allowed: "
+                         f"{', '.join('--' + name.replace('_', '-') for name in sorted(allowed))})")
+        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
+                                     "evaluate": args.evaluate, "out": str(run_folder(path))})
+    check_run_flags(parser, args)
+    check_args(parser, args)
+    return args, checkpoint
+
+
+def explicit_flags(parser, argv):
+    """The flags given on the command line, by destination name: argparse fills in a default only for a name
+    that the namespace does not hold yet, so parsing into a namespace of placeholders leaves defaults out."""
+    unset = object()
+    names = vars(parser.parse_args(argv))
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name: value for name, value in vars(given).items() if value is not unset}
+
+
+def check_run_flags(parser, args):
+    """The flags every folder shares; the paper's own are checked by check_args."""
+    for name in ("sample_every", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
+    if args.out is not None and not args.evaluate:
+        problem = unwritable(Path(args.out))
+        if problem:
+            parser.error(f"--out {args.out}: {problem}")
+
+
+def unwritable(folder):
+    """Why `folder` cannot become a run folder, or None; nothing is created to find out."""
+    if folder.exists() and not folder.is_dir():
+        return "exists and is not a folder"
+    parent = next(p for p in [folder, *folder.parents] if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def run_folder(checkpoint):
+    """The run folder of a checkpoint: RUN for RUN/checkpoints/last.pt, else the checkpoint's own folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def pick_device(args):
+    """--device auto: CUDA when a GPU is visible, else the CPU."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    seed_everything(args.seed)
-    if args.evaluate:
-        return evaluate_checkpoint(args, checkpoint, device)
-    metrics = MetricsDuringTraining(args, device, checkpoint)
+    return device
 
-    out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    if checkpoint is None and (out / "checkpoints" / "last.pt").exists():
-        fail(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+
+@contextlib.contextmanager
+def writing(path):
+    """A failed write (a full disk, a folder made read-only) ends the run with one line naming the file."""
     try:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        (out / "args.json").touch()
+        yield
     except OSError as error:
-        fail(f"cannot write the run folder --out {out}: {error.strerror or error}")
+        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        fail(f"cannot write {path}: {reason}")
 
-    try:
-        images = load_images(args.dataset, args.data_root, args.image_size)
-        batches = Batches(images, args.batch_size, device, args.seed)
-    except DataError as error:
-        fail(error)
-    args.channels = CHANNELS[args.dataset]
 
-    G = Generator(args.image_size, args.channels, args.z_dim, args.width).to(device)
-    D = Discriminator(args.image_size, args.channels, args.width).to(device)
-    G.apply(init_weights)
-    D.apply(init_weights)
-    # §4: Adam with lr 0.0002 and beta1 0.5 for both networks
-    opt_G = torch.optim.Adam(G.parameters(), args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
-    opt_D = torch.optim.Adam(D.parameters(), args.lr, (args.beta1, args.beta2), weight_decay=args.weight_decay)
-    fixed_z = sample_z(GRID, args.z_dim, device)
-    step = 0
-    if checkpoint is not None:
-        G.load_state_dict(checkpoint["G"])
-        D.load_state_dict(checkpoint["D"])
-        opt_G.load_state_dict(checkpoint["opt_G"])
-        opt_D.load_state_dict(checkpoint["opt_D"])
-        batches.load_state_dict(checkpoint["batches"])
-        fixed_z = checkpoint["fixed_z"].to(device)
-        step = checkpoint["step"]
-        set_rng_states(checkpoint["rng"])
-    # --precision and --compile; by default neither changes anything (float32, eager: the papers' setting)
-    speed_up({"G": G, "D": D}, args.precision, args.compile, device)
+def save_checkpoint(path, state):
+    """Atomic: written to a temporary file, then renamed over `path`, so a kill at any moment leaves the
+    previous checkpoint whole; a failed write removes its temporary file."""
+    temporary = path.with_suffix(".tmp")
+    with writing(path):
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
-    total = args.epochs * batches.per_epoch
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    writer = SummaryWriter(out, purge_step=step + 1 if checkpoint is not None else None)
-    print(f"DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x{args.channels}) "
-          f"on {device}: steps {step} -> {total} ({batches.per_epoch} per epoch); run folder {out}")
 
-    def state():
-        return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "batches": batches.state_dict(), "fixed_z": fixed_z, "step": step, "rng": rng_states(),
-                "best": metrics.best, "args": vars(args)}
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-    def check_finite():
-        """Stop, keeping the last good checkpoint, if a loss, a weight or a buffer has become NaN or Inf."""
-        bad_step = first_bad_step.item()
-        tensors = [t for t in [*G.parameters(), *D.parameters(), *G.buffers(), *D.buffers()] if t.is_floating_point()]
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+class Run:
+    """One training run: its folder, step counter, scalars, fixed-noise grids, checkpoints (every
+    --checkpoint-every steps, at the end, and on Ctrl-C or SIGTERM), the best checkpoint by `metric`, and the
+    stop on NaN or Inf. A checkpoint holds every network, optimiser, RNG state and the batch position, so a
+    resumed run continues exactly."""
+
+    def __init__(self, args, checkpoint, nets, optimizers, batches, fixed_z, total, title, grid,
+                 metric=None, eval_every=0, higher_is_better=True):
+        if args.max_steps is not None:
+            total = args.max_steps if total is None else min(total, args.max_steps)
+        self.args, self.nets, self.optimizers, self.batches, self.fixed_z = args, nets, optimizers, batches, fixed_z
+        self.total, self.grid, self.metric, self.eval_every = total, grid, metric, eval_every
+        self.higher_is_better = higher_is_better
+        self.out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        self.step, self.best = 0, None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            if total is not None and self.step >= total:
+                fail(f"{self.out} is at step {self.step}, which already reaches the length asked for ({total} steps); "
+                     f"to go on, give a larger --max-steps or a longer training length")
+        elif (self.out / "checkpoints" / "last.pt").exists():
+            fail(f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another --out")
+        for folder in (self.out / "samples", self.out / "checkpoints"):
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        for stray in (self.out / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
+            stray.unlink()
+        if checkpoint is not None:
+            self.restore_best_file(checkpoint)
+        with writing(self.out / "args.json"):
+            (self.out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        # events after the checkpoint's step came from a run that went past it, and are dropped
+        with writing(self.out):
+            self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
+        speed_up(nets, args.precision, args.compile, fixed_z.device)
+        self.stop = StopRequest()
+        # the first step whose scalars were not finite, kept on the device: no host sync per step
+        self.device = fixed_z.device
+        self.first_bad_step = torch.tensor(-1, device=self.device)
+        self.sums, self.summed = None, 0
+        self.started = time.perf_counter()
+        print(f"{title} on {self.device}: steps {self.step} -> {total or 'until stopped'}; "
+              f"run folder {self.out}", flush=True)
+        self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def running(self):
+        return (self.total is None or self.step < self.total) and self.stop.signal is None
+
+    def due(self, every):
+        return self.step % every == 0 or self.step == self.total
+
+    def end_step(self, scalars, also_log=None):
+        """After the step's updates: count it, and log (each scalar's mean since the last log, and also_log()'s
+        values, computed only then), draw, evaluate and save when their intervals come. The scalars stay on the
+        device until they are logged."""
+        self.step += 1
+        self.progress.update()
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float() for value in scalars.values()])
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~values.isfinite().all(), self.step,
+                                          self.first_bad_step)
+        self.sums = values if self.sums is None else self.sums + values
+        self.summed += 1
+        if self.due(self.args.log_every):
+            self.check_finite()
+            self.log({**dict(zip(scalars, (self.sums / self.summed).tolist())), **(also_log() if also_log else {})})
+            self.sums, self.summed = None, 0
+        if self.due(self.args.sample_every):
+            grid = self.grid(self.fixed_z)
+            path = self.out / "samples" / f"step_{self.step:07d}.png"
+            with writing(path):
+                vutils.save_image(grid, path)
+                self.writer.add_image("samples", grid, self.step)
+        if self.eval_every and self.step % self.eval_every == 0:
+            self.evaluate()
+        if self.step % self.args.checkpoint_every == 0:
+            self.check_finite()
+            self.save("last.pt")
+
+    def log(self, scalars):
+        with writing(self.out):
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, self.step)
+        self.progress.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in list(scalars.items())[:2]})
+
+    def evaluate(self):
+        """The metric now; a new best is saved as best.pt, with last.pt at the same step (see restore_best_file)."""
+        self.check_finite()
+        scalars, score = self.metric()
+        self.log(scalars)
+        higher, best = self.higher_is_better, self.best
+        if math.isfinite(score) and (best is None or (score > best["score"] if higher else score < best["score"])):
+            self.best = {"score": score, "step": self.step}
+            self.save("last.pt")
+            self.save("best.pt")
+
+    def check_finite(self):
+        """Stop, keeping the last good checkpoint, if a scalar, a weight or a buffer has become NaN or Inf."""
+        bad_step = self.first_bad_step.item()
+        tensors = [t for net in self.nets.values() for t in [*net.parameters(), *net.buffers()]
+                   if t.is_floating_point()]
         if bad_step < 0 and not torch.stack([t.isfinite().all() for t in tensors]).all():
-            bad_step = step
+            bad_step = self.step
         if bad_step >= 0:
-            writer.close()
-            last = out / "checkpoints" / "last.pt"
+            self.writer.close()
+            last = self.out / "checkpoints" / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
             fail(f"a loss or weight became NaN or Inf at step {bad_step}; stopped there, and {kept}", code=1)
 
-    # The first step whose losses were not finite, kept on the device: no host sync per step.
-    first_bad_step = torch.tensor(-1, device=device)
-    stop = StopRequest()
-    progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    started = time.perf_counter()
-    while step < total and stop.signal is None:
-        # D's update on a minibatch of m examples x and m noise samples z
-        x = next(batches)
-        loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device))
-        # G's update on a fresh minibatch of m noise samples z
-        loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
-        step += 1
-        progress.update()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_D + loss_G), step, first_bad_step)
+    def state(self):
+        return {"folder": FOLDER, "format": FORMAT, "step": self.step, "best": self.best, "fixed_z": self.fixed_z,
+                **{name: net.state_dict() for name, net in self.nets.items()},
+                **{name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                "batches": self.batches.state_dict(), "rng": rng_states(), "args": vars(self.args)}
 
-        if step % args.log_every == 0 or step == total:
-            check_finite()
-            scalars = {"loss/D": loss_D.item(), "loss/G": loss_G.item(), "D/real": D_x.item(), "D/fake": D_G_z.item()}
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, step)
-            progress.set_postfix(loss_D=f"{scalars['loss/D']:.3f}", loss_G=f"{scalars['loss/G']:.3f}")
-        if step % args.sample_every == 0 or step == total:
-            grid = vutils.make_grid(sample(G, fixed_z), nrow=8, normalize=True, value_range=(-1, 1))
-            vutils.save_image(grid, out / "samples" / f"step_{step:07d}.png")
-            writer.add_image("samples", grid, step)
-        if metrics.due(step):
-            check_finite()
-            metrics.update(G, step, writer, lambda: save_checkpoint(out / "checkpoints" / "best.pt", state()))
-        if step % args.checkpoint_every == 0:
-            check_finite()
-            save_checkpoint(out / "checkpoints" / "last.pt", state())
-    progress.close()
+    def save(self, name):
+        save_checkpoint(self.out / "checkpoints" / name, self.state())
 
-    check_finite()
-    save_checkpoint(out / "checkpoints" / "last.pt", state())
-    write_gif(out / "samples", out / "progress.gif")
-    writer.close()
-    elapsed = time.perf_counter() - started
-    if stop.signal is not None:
-        print(f"stopped by {signal.Signals(stop.signal).name} at step {step}; continue with: "
-              f"python train.py --resume {out}")
-        return 128 + stop.signal
-    print(f"done: step {step} of {total} in {elapsed / 60:.1f} min; samples and checkpoint in {out}")
-    return 0
+    def restore(self, checkpoint):
+        try:
+            for name, net in self.nets.items():
+                net.load_state_dict(checkpoint[name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(checkpoint[name])
+            self.batches.load_state_dict(checkpoint["batches"])
+            self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
+            self.step, self.best = checkpoint["step"], checkpoint["best"]
+            set_rng_states(checkpoint["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a checkpoint of other networks
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            fail(f"--resume {self.args.resume}: the checkpoint does not fit {FOLDER}'s networks ({reason})")
+
+    def restore_best_file(self, checkpoint):
+        """A kill between writing last.pt and best.pt at a new best leaves an older best.pt: rewrite it."""
+        path = self.out / "checkpoints" / "best.pt"
+        if self.best is not None and self.best["step"] == self.step:
+            try:
+                stale = read_checkpoint(path)["step"] != self.step
+            except CheckpointError:
+                stale = True
+            if stale:
+                save_checkpoint(path, checkpoint)
+
+    @property
+    def stopped_by(self):
+        """The signal (SIGINT, SIGTERM) that stopped the run, or None."""
+        return self.stop.signal
+
+    def finish(self):
+        """The last checkpoint and the progress animation; returns the exit code (128 + signal if stopped)."""
+        self.progress.close()
+        self.check_finite()
+        self.save("last.pt")
+        with writing(self.out / "progress.gif"):
+            write_gif(self.out / "samples", self.out / "progress.gif")
+        with writing(self.out):
+            self.writer.close()
+        if self.stop.signal is not None:
+            print(f"stopped by {signal.Signals(self.stop.signal).name} at step {self.step}; continue with: "
+                  f"python train.py --resume {self.out}")
+            return 128 + self.stop.signal
+        print(f"done: step {self.step} of {self.total} in {(time.perf_counter() - self.started) / 60:.1f} min; "
+              f"samples and checkpoint in {self.out}")
+        return 0
+
+
+def write_gif(samples_dir, path, max_frames=100):
+    """The fixed-noise grids as an animation, at most `max_frames` of them, evenly spaced."""
+    frames = sorted(samples_dir.glob("step_*.png"))
+    if frames:
+        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
+        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
+# <<< copied: run management <<<
 
 
 if __name__ == "__main__":

@@ -179,6 +179,38 @@ def check_output(parser, out, single):
         parser.error(f"--out {out}: {parent} is not a writable folder")
 
 
+def add_sampling_flags(parser, num_help):
+    """model.py's flags, the same in every folder."""
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                        help="in a run folder: best = checkpoints/best.pt when the run kept one (train.py "
+                             "--eval-every or --select-every), else last.pt; last = checkpoints/last.pt")
+    parser.add_argument("--num", type=int, default=None, help=num_help)
+    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
+    parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+
+
+def read_sampling_flags(parser, argv):
+    """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
+    args = parser.parse_args(argv)
+    if args.num is not None and args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
+    check_output(parser, args.out, args.single)
+    try:
+        checkpoint = read_checkpoint(checkpoint_path(args.run, best=args.checkpoint == "best"))
+    except CheckpointError as error:
+        parser.error(str(error))
+    return args, checkpoint
+
+
 def write_images(images, out, single, nrow, names=None):
     """The grid as one PNG file, or with `single` one PNG file per image (00000.png, ... unless `names` are
     given); a failed write is one line."""
@@ -208,32 +240,18 @@ def load_generator(checkpoint, device="cpu"):
 
 def main(argv=None):
     parser = FlagParser(description="Sample images from a simpleGAN checkpoint.")
-    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt if kept, else last.pt)")
-    parser.add_argument("--num", type=int, default=100, help="how many images (default: 100)")
-    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
-    parser.add_argument("--single", action="store_true", help="write NUM separate PNG files into --out")
-    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error(f"--num must be at least 1, got {args.num}")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
-    check_output(parser, args.out, args.single)
+    add_sampling_flags(parser, num_help="how many images (default: 100)")
+    args, checkpoint = read_sampling_flags(parser, argv)
+    num = args.num or 100
     try:
-        checkpoint = read_checkpoint(checkpoint_path(args.checkpoint, best=True))
-    except CheckpointError as error:
-        parser.error(str(error))
+        G = load_generator(checkpoint, args.device)
+    except (KeyError, RuntimeError) as error:  # weights of other networks
+        parser.error(f"{args.run}: the checkpoint's G does not fit simpleGAN's generator ({error})")
 
     torch.manual_seed(args.seed)
-    G = load_generator(checkpoint, args.device)
-    images = sample(G, sample_z(args.num, G.net[0].in_features, device=args.device))
-    write_images(images, args.out, args.single, nrow=int(math.ceil(math.sqrt(args.num))))
-    print(f"wrote {args.num} samples of step {checkpoint['step']} to {args.out}")
+    images = sample(G, sample_z(num, checkpoint["args"]["z_dim"], device=args.device))
+    write_images(images, args.out, args.single, nrow=int(math.ceil(math.sqrt(num))))
+    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def main(argv=None):
             # Alg. 1: a fresh minibatch of m noise samples z, then G's update
             loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
         run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z,
-                      "lr": torch.tensor(lr), "momentum": torch.tensor(momentum)})
+                      "lr": lr, "momentum": momentum})
 
     if run.stopped_by is None and args.evaluate_at_end:
         final_evaluation(G, run, valid, test, args, device)
@@ -596,9 +596,11 @@ class Run:
         speed_up(nets, args.precision, args.compile, fixed_z.device)
         self.stop = StopRequest()
         # the first step whose scalars were not finite, kept on the device: no host sync per step
-        self.first_bad_step = torch.tensor(-1, device=fixed_z.device)
+        self.device = fixed_z.device
+        self.first_bad_step = torch.tensor(-1, device=self.device)
+        self.sums, self.summed = None, 0
         self.started = time.perf_counter()
-        print(f"{title} on {fixed_z.device}: steps {self.step} -> {total or 'until stopped'}; "
+        print(f"{title} on {self.device}: steps {self.step} -> {total or 'until stopped'}; "
               f"run folder {self.out}", flush=True)
         self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
@@ -608,15 +610,21 @@ class Run:
     def due(self, every):
         return self.step % every == 0 or self.step == self.total
 
-    def end_step(self, scalars):
-        """After the step's updates: count it, and log, draw, evaluate and save when their intervals come."""
+    def end_step(self, scalars, also_log=None):
+        """After the step's updates: count it, and log (each scalar's mean since the last log, and also_log()'s
+        values, computed only then), draw, evaluate and save when their intervals come. The scalars stay on the
+        device until they are logged."""
         self.step += 1
         self.progress.update()
-        finite = torch.stack([value.detach().float() for value in scalars.values()]).isfinite().all()
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float() for value in scalars.values()])
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~values.isfinite().all(), self.step,
+                                          self.first_bad_step)
+        self.sums = values if self.sums is None else self.sums + values
+        self.summed += 1
         if self.due(self.args.log_every):
             self.check_finite()
-            self.log({name: value.item() for name, value in scalars.items()})
+            self.log({**dict(zip(scalars, (self.sums / self.summed).tolist())), **(also_log() if also_log else {})})
+            self.sums, self.summed = None, 0
         if self.due(self.args.sample_every):
             grid = self.grid(self.fixed_z)
             path = self.out / "samples" / f"step_{self.step:07d}.png"
@@ -640,7 +648,8 @@ class Run:
         self.check_finite()
         scalars, score = self.metric()
         self.log(scalars)
-        if self.best is None or (score > self.best["score"] if self.higher_is_better else score < self.best["score"]):
+        higher, best = self.higher_is_better, self.best
+        if math.isfinite(score) and (best is None or (score > best["score"] if higher else score < best["score"])):
             self.best = {"score": score, "step": self.step}
             self.save("last.pt")
             self.save("best.pt")
@@ -668,14 +677,18 @@ class Run:
         save_checkpoint(self.out / "checkpoints" / name, self.state())
 
     def restore(self, checkpoint):
-        for name, net in self.nets.items():
-            net.load_state_dict(checkpoint[name])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(checkpoint[name])
-        self.batches.load_state_dict(checkpoint["batches"])
-        self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
-        self.step, self.best = checkpoint["step"], checkpoint["best"]
-        set_rng_states(checkpoint["rng"])
+        try:
+            for name, net in self.nets.items():
+                net.load_state_dict(checkpoint[name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(checkpoint[name])
+            self.batches.load_state_dict(checkpoint["batches"])
+            self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
+            self.step, self.best = checkpoint["step"], checkpoint["best"]
+            set_rng_states(checkpoint["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a checkpoint of other networks
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            fail(f"--resume {self.args.resume}: the checkpoint does not fit {FOLDER}'s networks ({reason})")
 
     def restore_best_file(self, checkpoint):
         """A kill between writing last.pt and best.pt at a new best leaves an older best.pt: rewrite it."""
