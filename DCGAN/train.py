@@ -29,13 +29,14 @@ import torchvision.utils as vutils
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import CHANNELS, DATASETS, Batches, DataError, load_images
+from dataset import CHANNELS, DATASETS, LSUN_CLASSES, Batches, DataError, load_images
 from model import WIDTH, Z_DIM, Discriminator, Generator, checkpoint_path, init_weights, sample, sample_z
 
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "epochs", "device", "sample_every", "log_every", "checkpoint_every"}
+RESUMABLE = {"resume", "data_root", "data_on", "cache_dir", "max_steps", "epochs", "device", "sample_every",
+             "log_every", "checkpoint_every"}
 
 
 def build_parser():
@@ -44,6 +45,16 @@ def build_parser():
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="training data; the paper used LSUN, faces and ImageNet, this default downloads by itself")
     p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
+    p.add_argument("--lsun-classes", nargs="+", default=list(LSUN_CLASSES), metavar="SET",
+                   help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun; §4.1: the bedrooms")
+    p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
+                   help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
+                        "memory, else host memory, else a memory-mapped file; the batches are the same")
+    p.add_argument("--cache-dir", default=None,
+                   help="where image folders, CelebA and LSUN are cached once decoded (default: beside the data, "
+                        "or ~/.cache/gan-papers when that is read-only)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="stop at an image file that does not decode (default: leave it out with a warning)")
     p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="Fig. 1: 64x64")
     p.add_argument("--batch-size", type=int, default=128, help="§4: mini-batch size of 128")
     p.add_argument("--lr", type=float, default=2e-4, help="§4: Adam learning rate 0.0002")
@@ -210,8 +221,9 @@ def main(argv=None):
         fail(f"cannot write the run folder --out {out}: {error.strerror or error}")
 
     try:
-        images = load_images(args.dataset, args.data_root, args.image_size)
-        batches = Batches(images, args.batch_size, device, args.seed)
+        images = load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir,
+                             strict=args.strict_images, lsun_classes=args.lsun_classes)
+        batches = Batches(images, args.batch_size, device, args.seed, data_on=args.data_on)
     except DataError as error:
         fail(error)
     args.channels = CHANNELS[args.dataset]
@@ -242,6 +254,7 @@ def main(argv=None):
     writer = SummaryWriter(out, purge_step=step + 1 if checkpoint is not None else None)
     print(f"DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x{args.channels}) "
           f"on {device}: steps {step} -> {total} ({batches.per_epoch} per epoch); run folder {out}")
+    print(f"data {batches.placement}")
 
     def state():
         return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),

@@ -39,7 +39,8 @@ from model import WIDTH, Z_DIM, Discriminator, Generator, checkpoint_path, norma
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every"}
+RESUMABLE = {"resume", "data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "sample_every", "log_every",
+             "checkpoint_every"}
 # Table 1: the six optimiser settings, (alpha, beta1, beta2, n_dis). A follows Gulrajani et al. (2017),
 # B Warde-Farley & Bengio (2017), C Radford et al. (2016); D, E, F are the aggressive ones.
 SETTINGS = {
@@ -62,6 +63,14 @@ def build_parser():
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="training data; §4.1 and Table 2: CIFAR-10 (torchvision downloads it)")
     p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
+    p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
+                   help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
+                        "memory, else host memory, else a memory-mapped file; the batches are the same")
+    p.add_argument("--cache-dir", default=None,
+                   help="where image folders and CelebA are cached once decoded (default: beside the data, "
+                        "or ~/.cache/gan-papers when that is read-only)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="stop at an image file that does not decode (default: leave it out with a warning)")
     p.add_argument("--image-size", type=int, default=32,
                    help="M, a multiple of 8; Table 3: M = 32 for CIFAR-10 (48 for STL-10). G starts and D ends "
                         "at M/8 x M/8")
@@ -271,8 +280,9 @@ def main(argv=None):
         fail(f"cannot write the run folder --out {out}: {error.strerror or error}")
 
     try:
-        images = load_images(args.dataset, args.data_root, args.image_size)
-        batches = Batches(images, args.batch_size, device, args.seed)
+        images = load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir,
+                             strict=args.strict_images)
+        batches = Batches(images, args.batch_size, device, args.seed, data_on=args.data_on)
     except DataError as error:
         fail(error)
     args.channels = CHANNELS[args.dataset]
@@ -301,6 +311,7 @@ def main(argv=None):
     print(f"SN-DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x{args.channels}) "
           f"on {device}: generator updates {step} -> {total}, setting {args.setting} (lr {args.lr}, betas "
           f"{args.beta1}/{args.beta2}, n_dis {args.n_dis}), {args.loss} loss; run folder {out}")
+    print(f"data {batches.placement}")
 
     def state():
         return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),

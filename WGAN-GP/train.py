@@ -35,7 +35,8 @@ from model import WIDTH, Z_DIM, Critic, Generator, checkpoint_path, init_weights
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every"}
+RESUMABLE = {"resume", "data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "sample_every", "log_every",
+             "checkpoint_every"}
 
 
 def build_parser():
@@ -44,6 +45,14 @@ def build_parser():
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="training data; official code: gan_cifar.py trains on CIFAR-10 (§5.3, Fig. 3)")
     p.add_argument("--data-root", default=str(HERE.parent / "data"), help="where data sets live (../data)")
+    p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
+                   help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
+                        "memory, else host memory, else a memory-mapped file; the batches are the same")
+    p.add_argument("--cache-dir", default=None,
+                   help="where image folders and CelebA are cached once decoded (default: beside the data, "
+                        "or ~/.cache/gan-papers when that is read-only)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="stop at an image file that does not decode (default: leave it out with a warning)")
     p.add_argument("--image-size", type=int, default=32, choices=(32, 64),
                    help="official code: gan_cifar.py, 32x32 (64 adds one stride-2 layer to G and D)")
     p.add_argument("--batch-size", type=int, default=64, help="Alg. 1: m; official code: BATCH_SIZE = 64")
@@ -241,8 +250,9 @@ def main(argv=None):
         fail(f"cannot write the run folder --out {out}: {error.strerror or error}")
 
     try:
-        images = load_images(args.dataset, args.data_root, args.image_size)
-        batches = Batches(images, args.batch_size, device, args.seed)
+        images = load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir,
+                             strict=args.strict_images)
+        batches = Batches(images, args.batch_size, device, args.seed, data_on=args.data_on)
     except DataError as error:
         fail(error)
     args.channels = CHANNELS[args.dataset]
@@ -274,6 +284,7 @@ def main(argv=None):
     print(f"WGAN-GP on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x{args.channels}) "
           f"on {device}: generator iterations {step} -> {total}, {args.n_critic} critic iterations each "
           f"({batches.per_epoch} real batches per epoch); run folder {out}")
+    print(f"data {batches.placement}")
 
     def state():
         return {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
