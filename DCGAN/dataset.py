@@ -26,6 +26,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import PIL
 import torch
 import torch.nn.functional as F
@@ -243,25 +244,29 @@ def square(image_size):
 
 
 # A set of image files to decode: what it is (for messages), the folder its cache goes to by
-# default, the lines its cache key hashes, and a function that builds its torch Dataset.
+# default, a hash of what its cache depends on, and a function that builds its torch Dataset.
 Source = collections.namedtuple("Source", "what home identity dataset")
 
 
 class FlatFolder(torch.utils.data.Dataset):
-    """A folder of images without class sub-folders (for example CelebA's img_align_celeba/)."""
+    """A folder of images without class sub-folders (for example CelebA's img_align_celeba/). The names
+    are one numpy array, not a list of Python strings, so decoding processes share them, not copy them."""
 
     def __init__(self, root, transform):
-        self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        self.root = Path(root)
+        names = sorted(os.fsencode(entry.name) for entry in os.scandir(root)
+                       if os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS)
+        self.names = np.array(names, dtype=bytes)
         self.transform = transform
 
     def __len__(self):
-        return len(self.files)
+        return len(self.names)
 
     def __getitem__(self, index):
-        return self.transform(pil_loader(self.files[index])), 0
+        return self.transform(pil_loader(self.name_of(index))), 0
 
     def name_of(self, index):
-        return str(self.files[index])
+        return str(self.root / os.fsdecode(self.names[index]))
 
 
 class ClassFolders(torchvision.datasets.ImageFolder):
@@ -314,16 +319,16 @@ def scratch_working_directory():
             os.chdir(previous)
 
 
-def file_identity(paths, base):
-    """One line per file for a cache key: its name under `base`, size and modification time."""
-    lines = []
+def files_digest(paths, base):
+    """A hash of every file's name under `base`, size and modification time: what a cache depends on."""
+    digest = hashlib.sha1()
     for path in paths:
         try:
             stat = os.stat(path)
-            lines.append(f"{os.path.relpath(path, base)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+            digest.update(f"{os.path.relpath(path, base)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         except OSError:
-            lines.append(f"{os.path.relpath(path, base)}\tunreadable")
-    return lines
+            digest.update(f"{os.path.relpath(path, base)}\tunreadable\n".encode())
+    return digest.hexdigest()
 
 
 def folder_source(root, image_size):
@@ -338,8 +343,8 @@ def folder_source(root, image_size):
         raise DataError(f"--data-root {root} cannot be read ({reason(error)})") from None
     if len(images) == 0:
         raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {root}")
-    files = [images.name_of(i) for i in range(len(images))]
-    return Source(f"the images in {root.absolute()}", root, file_identity(files, root), lambda: images)
+    files = (images.name_of(i) for i in range(len(images)))
+    return Source(f"the images in {root.absolute()}", root, files_digest(files, root), lambda: images)
 
 
 def celeba_source(root, image_size, download):
@@ -348,9 +353,9 @@ def celeba_source(root, image_size, download):
             celeba = CelebAImages(root, split="all", target_type=[], transform=square(image_size), download=download)
     except Exception as error:  # missing or corrupt files, or a failed download
         raise missing("celeba", root, error) from None
-    files = [celeba.name_of(i) for i in range(len(celeba))]
+    files = (celeba.name_of(i) for i in range(len(celeba)))
     return Source(f"CelebA in {(root / 'celeba').absolute()}", root / "celeba",
-                  file_identity(files, root / "celeba"), lambda: celeba)
+                  files_digest(files, root / "celeba"), lambda: celeba)
 
 
 def lsun_source(root, image_size, classes):
@@ -383,7 +388,7 @@ def lsun_source(root, image_size, classes):
             raise DataError(f"lsun: {database} holds no images")
         stat = (database / "data.mdb").stat()
         identity.append(f"{name}\t{entries}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    return Source(f"LSUN {' + '.join(classes)} in {folder.absolute()}", folder, identity,
+    return Source(f"LSUN {' + '.join(classes)} in {folder.absolute()}", folder, digest(identity),
                   lambda: LsunScenes(str(folder.absolute()), classes, square(image_size)))
 
 
@@ -423,7 +428,7 @@ def decode_once(source, image_size, cache_dir, strict):
     """
     folder = cache_folder(source.home, cache_dir)
     prefix = f".decoded-{image_size}px-{digest([source.what])}-"
-    stem = folder / (prefix + digest([*source.identity, str(image_size), DECODER]))
+    stem = folder / (prefix + digest([source.identity, str(image_size), DECODER]))
     cached = open_cache(stem)
     if cached is None:
         with no_empty_new_folders_on_failure(folder), decoding_lock(stem):
