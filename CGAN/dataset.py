@@ -10,6 +10,14 @@ label tensor (N,), both kept on the training device. Batches are drawn by a fres
 permutation each epoch and scaled on the device, so the training loop does no per-image work.
 """
 
+import contextlib
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -19,34 +27,124 @@ from model import CLASSES, one_hot
 DATASETS = ("mnist", "fashion-mnist")
 VALID_SIZE = 10_000  # official GAN code, mnist.yaml: train[50000:60000] is the validation split
 
-# What torchvision reads under --data-root, named in the error when it is missing.
-EXPECTED_FILES = {
-    "mnist": "MNIST/raw/{prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz)",
-    "fashion-mnist": "FashionMNIST/raw/{prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz)",
-}
-TORCHVISION_CLASSES = {
-    "mnist": torchvision.datasets.MNIST,
-    "fashion-mnist": torchvision.datasets.FashionMNIST,
-}
 
-
+# >>> copied: mnist-files >>>
 class DataError(Exception):
     """A problem with the data that the user can fix: train.py prints it and exits with code 2."""
 
 
+MNIST_CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+
+
+def read_mnist(name, root, train=True, download=True):
+    """The training (or test) images (N, 28, 28) and labels (N,) of MNIST or Fashion-MNIST under `root`.
+
+    torchvision's readers parse ROOT/MNIST/raw/*-ubyte (FashionMNIST/raw/ for Fashion-MNIST),
+    plain or gzipped. A file that is there is used whenever it parses, whatever its checksum
+    (some distributions repack the archives); files that are not there are downloaded when
+    `download` is set. Every problem is a DataError naming the file.
+    """
+    folder = Path(root) / MNIST_CLASSES[name].__name__ / "raw"
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    absent = [folder / stem for stem in stems if not idx_file(folder, stem).is_file()]
+    if absent:
+        download_mnist(name, root, train, absent, download)
+    unpack_beside(folder, name)
+    image_file, label_file = (idx_file(folder, stem) for stem in stems)
+    images = read_idx(image_file, torchvision.datasets.mnist.read_image_file, "image")
+    labels = read_idx(label_file, torchvision.datasets.mnist.read_label_file, "label")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images, not MNIST's 28x28")
+    if len(labels) != len(images):
+        raise DataError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
+                        f"one of the two files is damaged")
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{label_file} holds labels above 9: it is not an MNIST label file")
+    return images, labels.long()
+
+
+def idx_file(folder, stem):
+    """The IDX file `stem` in `folder`: the plain file when there is one, else the gzipped one."""
+    plain = folder / stem
+    return plain if plain.is_file() else folder / f"{stem}.gz"
+
+
+def unpack_beside(folder, name):
+    """Unpack the gzipped files next to themselves, as torchvision does after a download. A read-only
+    folder or a damaged archive is left as it is: read_idx then unpacks to a temporary folder, or names it."""
+    for archive, _ in MNIST_CLASSES[name].resources:
+        packed, plain = folder / archive, folder / archive.removesuffix(".gz")
+        if packed.is_file() and not plain.exists():
+            temporary = plain.with_suffix(".tmp")
+            try:
+                with gzip.open(packed) as source, open(temporary, "wb") as target:
+                    shutil.copyfileobj(source, target)
+                os.replace(temporary, plain)
+            except (OSError, EOFError, zlib.error):
+                temporary.unlink(missing_ok=True)
+
+
+def read_idx(path, reader, kind):
+    """One IDX file parsed by torchvision's `reader`; a gzipped file is unpacked to a temporary folder first."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = path
+        if path.suffix == ".gz":
+            try:
+                data = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, or cut short
+                raise DataError(f"{path} is not a readable gzip file ({reason(error)}); replace it") from None
+            source = Path(scratch) / path.stem
+            source.write_bytes(data)
+        try:
+            return reader(str(source))
+        except OSError as error:
+            raise DataError(f"{path} cannot be read ({reason(error)})") from None
+        except Exception as error:  # torchvision's parser stops with an assertion, a type or a shape error
+            raise DataError(f"{path} is not an MNIST {kind} file in IDX format ({reason(error)}); "
+                            f"replace it") from None
+
+
+def download_mnist(name, root, train, absent, download):
+    """torchvision's download of the files in `absent`; a failed one leaves no new folder behind."""
+    wanted = " and ".join(f"{path}(.gz)" for path in absent)
+    if not download:
+        raise DataError(f"{name}: {wanted} not found; point --data-root at a folder that has it")
+    try:
+        with no_new_folders_on_failure(absent[0].parent):
+            MNIST_CLASSES[name](root, train=train, download=True)
+    except Exception as error:  # offline, blocked, or refused by the server
+        raise DataError(f"{name}: {wanted} not found, and downloading it failed ({reason(error)}); download it "
+                        f"on a machine with network access, or point --data-root at a folder that has it") from None
+
+
+@contextlib.contextmanager
+def no_new_folders_on_failure(folder):
+    """Remove the folders on the way to `folder` that an attempt created, if it fails: a mistyped
+    --data-root is not left behind as an empty tree."""
+    folder = Path(folder).absolute()
+    new = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
+
+
+def reason(error):
+    """The line of an error's message that says what went wrong (its last), or the error's type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+# <<< copied: mnist-files <<<
+
+
 def load_labelled(name, root, image_size, train=True, download=True):
     """The training (or test) set of `name`: uint8 images (N, 1, image_size, image_size) and labels (N,)."""
-    if name not in TORCHVISION_CLASSES:
+    if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    try:
-        data = TORCHVISION_CLASSES[name](root, train=train, download=download)
-    except Exception as error:  # missing or corrupt files, or a failed download
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        expected = EXPECTED_FILES[name].format(prefix="train" if train else "t10k")
-        raise DataError(
-            f"{name} is not readable under {root} ({reason}); expected {expected} there. "
-            f"Download it on a machine with network access, or point --data-root at a folder that has it.") from None
-    return resize(torch.as_tensor(data.data).unsqueeze(1), image_size), torch.as_tensor(data.targets).long()
+    images, labels = read_mnist(name, root, train=train, download=download)
+    return resize(images.unsqueeze(1), image_size), labels
 
 
 def split_validation(images, labels, valid_size=VALID_SIZE):

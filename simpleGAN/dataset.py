@@ -9,6 +9,12 @@ Fast path: a split is decoded once into a uint8 tensor (N, 1, 28, 28) that lives
 the training device. Batches are drawn by a fresh permutation each epoch and scaled on
 the device, so the training loop does no per-image work.
 """
+import contextlib
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -22,45 +28,129 @@ SPLITS = ("train", "valid", "test")
 # the last sixth of the training file is held out (smaller test copies are split the same way)
 VALID_FRACTION = 1 / 6
 
-# What torchvision reads under --data-root, named in the error when it is missing.
-EXPECTED_FILES = {
-    "mnist": "MNIST/raw/{prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz)",
-    "fashion-mnist": "FashionMNIST/raw/{prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz)",
-}
-TORCHVISION_CLASSES = {
-    "mnist": torchvision.datasets.MNIST,
-    "fashion-mnist": torchvision.datasets.FashionMNIST,
-}
 
-
+# >>> copied: mnist-files >>>
 class DataError(Exception):
     """A problem with the data that the user can fix: train.py prints it and exits with code 2."""
+
+
+MNIST_CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+
+
+def read_mnist(name, root, train=True, download=True):
+    """The training (or test) images (N, 28, 28) and labels (N,) of MNIST or Fashion-MNIST under `root`.
+
+    torchvision's readers parse ROOT/MNIST/raw/*-ubyte (FashionMNIST/raw/ for Fashion-MNIST),
+    plain or gzipped. A file that is there is used whenever it parses, whatever its checksum
+    (some distributions repack the archives); files that are not there are downloaded when
+    `download` is set. Every problem is a DataError naming the file.
+    """
+    folder = Path(root) / MNIST_CLASSES[name].__name__ / "raw"
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    absent = [folder / stem for stem in stems if not idx_file(folder, stem).is_file()]
+    if absent:
+        download_mnist(name, root, train, absent, download)
+    unpack_beside(folder, name)
+    image_file, label_file = (idx_file(folder, stem) for stem in stems)
+    images = read_idx(image_file, torchvision.datasets.mnist.read_image_file, "image")
+    labels = read_idx(label_file, torchvision.datasets.mnist.read_label_file, "label")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images, not MNIST's 28x28")
+    if len(labels) != len(images):
+        raise DataError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
+                        f"one of the two files is damaged")
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{label_file} holds labels above 9: it is not an MNIST label file")
+    return images, labels.long()
+
+
+def idx_file(folder, stem):
+    """The IDX file `stem` in `folder`: the plain file when there is one, else the gzipped one."""
+    plain = folder / stem
+    return plain if plain.is_file() else folder / f"{stem}.gz"
+
+
+def unpack_beside(folder, name):
+    """Unpack the gzipped files next to themselves, as torchvision does after a download. A read-only
+    folder or a damaged archive is left as it is: read_idx then unpacks to a temporary folder, or names it."""
+    for archive, _ in MNIST_CLASSES[name].resources:
+        packed, plain = folder / archive, folder / archive.removesuffix(".gz")
+        if packed.is_file() and not plain.exists():
+            temporary = plain.with_suffix(".tmp")
+            try:
+                with gzip.open(packed) as source, open(temporary, "wb") as target:
+                    shutil.copyfileobj(source, target)
+                os.replace(temporary, plain)
+            except (OSError, EOFError, zlib.error):
+                temporary.unlink(missing_ok=True)
+
+
+def read_idx(path, reader, kind):
+    """One IDX file parsed by torchvision's `reader`; a gzipped file is unpacked to a temporary folder first."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = path
+        if path.suffix == ".gz":
+            try:
+                data = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, or cut short
+                raise DataError(f"{path} is not a readable gzip file ({reason(error)}); replace it") from None
+            source = Path(scratch) / path.stem
+            source.write_bytes(data)
+        try:
+            return reader(str(source))
+        except OSError as error:
+            raise DataError(f"{path} cannot be read ({reason(error)})") from None
+        except Exception as error:  # torchvision's parser stops with an assertion, a type or a shape error
+            raise DataError(f"{path} is not an MNIST {kind} file in IDX format ({reason(error)}); "
+                            f"replace it") from None
+
+
+def download_mnist(name, root, train, absent, download):
+    """torchvision's download of the files in `absent`; a failed one leaves no new folder behind."""
+    wanted = " and ".join(f"{path}(.gz)" for path in absent)
+    if not download:
+        raise DataError(f"{name}: {wanted} not found; point --data-root at a folder that has it")
+    try:
+        with no_new_folders_on_failure(absent[0].parent):
+            MNIST_CLASSES[name](root, train=train, download=True)
+    except Exception as error:  # offline, blocked, or refused by the server
+        raise DataError(f"{name}: {wanted} not found, and downloading it failed ({reason(error)}); download it "
+                        f"on a machine with network access, or point --data-root at a folder that has it") from None
+
+
+@contextlib.contextmanager
+def no_new_folders_on_failure(folder):
+    """Remove the folders on the way to `folder` that an attempt created, if it fails: a mistyped
+    --data-root is not left behind as an empty tree."""
+    folder = Path(folder).absolute()
+    new = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
+
+
+def reason(error):
+    """The line of an error's message that says what went wrong (its last), or the error's type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+# <<< copied: mnist-files <<<
 
 
 def load_images(name, root, split="train", download=True):
     """One split of `name` as a uint8 tensor (N, 1, 28, 28): 'train', 'valid' or 'test'."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if name not in TORCHVISION_CLASSES:
+    if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    train = split != "test"
-    root = Path(root)
-    try:
-        data = torch.as_tensor(TORCHVISION_CLASSES[name](root, train=train, download=download).data)
-    except Exception as error:  # missing or corrupt files, or a failed download
-        raise missing(name, root, train, error) from None
-    if train:
+    data = read_mnist(name, root, train=split != "test", download=download)[0]
+    if split != "test":
         cut = len(data) - round(len(data) * VALID_FRACTION)  # 50000 for MNIST's 60000
         data = data[:cut] if split == "train" else data[cut:]
     return data.unsqueeze(1).contiguous()
-
-
-def missing(name, root, train, error):
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    expected = EXPECTED_FILES[name].format(prefix="train" if train else "t10k")
-    return DataError(
-        f"{name} is not readable under {root} ({reason}); expected {expected} there. "
-        f"Download it on a machine with network access, or point --data-root at a folder that has it.")
 
 
 def to_unit_range(images):
