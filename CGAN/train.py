@@ -326,7 +326,7 @@ def evaluate(args, checkpoint, device):
     mean, stderr, sigma = parzen_estimate(G.to(device), valid, test, args, device)
     best = checkpoint["best"]
     selected = f", selected on validation (log-likelihood {best['score']:.2f})" if best else ""
-    print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}{selected}; {len(test[0])} test "
+    print(f"{checkpoint_path(args.evaluate, 'auto')}: step {checkpoint['step']}{selected}; {len(test[0])} test "
           f"images; {SAMPLES_PER_CLASS} samples per class, G's dropout {'on' if args.sampling_dropout else 'off'}, "
           f"{'one window per class' if args.parzen_per_class else 'one window'}; {time.perf_counter() - started:.1f} s")
     report(mean, stderr, sigma)
@@ -415,7 +415,7 @@ def parse_args(argv):
         parser.error("give --resume or --evaluate, not both")
     if args.resume or args.evaluate:
         flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        path = checkpoint_path(args.resume or args.evaluate, "last" if args.resume else "auto")
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:

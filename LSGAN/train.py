@@ -498,7 +498,7 @@ def evaluate_checkpoint(args, checkpoint, device):
     except (KeyError, RuntimeError) as error:
         fail(f"--evaluate {args.evaluate}: G's weights do not fit {FOLDER}'s generator ({reason_of(error)})")
     real = RealSet(args)
-    path = checkpoint_path(args.evaluate, best=True)
+    path = checkpoint_path(args.evaluate, "auto")
     print(f"{FOLDER}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
     scores = sample_metrics(G.to(device), args, device, real, args.eval_samples)
     report_metrics(scores, args.eval_samples, real)
@@ -611,7 +611,7 @@ def parse_args(argv):
         parser.error("give --resume or --evaluate, not both")
     if args.resume or args.evaluate:
         flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        path = checkpoint_path(args.resume or args.evaluate, "last" if args.resume else "auto")
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:

@@ -162,15 +162,15 @@ class CheckpointError(Exception):
     """A file that is not a usable checkpoint of this folder; train.py and model.py print it and exit with 2."""
 
 
-def checkpoint_path(path, best=False):
-    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt, or with best=True its
-    checkpoints/best.pt (the best by the folder's metric) when the run kept one."""
+def checkpoint_path(path, which="last"):
+    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt or best.pt (the best by the
+    folder's metric), or with which="auto" best.pt when the run kept one, else last.pt."""
     path = Path(path)
     if not path.is_dir():
         return path
-    if best and (path / "checkpoints" / "best.pt").is_file():
-        return path / "checkpoints" / "best.pt"
-    return path / "checkpoints" / "last.pt"
+    if which == "auto":
+        which = "best" if (path / "checkpoints" / "best.pt").is_file() else "last"
+    return path / "checkpoints" / f"{which}.pt"
 
 
 def read_checkpoint(path):
@@ -209,9 +209,9 @@ def check_output(parser, out, single):
 def add_sampling_flags(parser, num_help):
     """model.py's flags, the same in every folder."""
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                        help="in a run folder: best = checkpoints/best.pt when the run kept one (train.py "
-                             "--eval-every or --select-every), else last.pt; last = checkpoints/last.pt")
+    parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"),
+                        help="in a run folder: best.pt (the best by train.py --eval-every or --select-every), "
+                             "last.pt, or auto: best.pt when the run kept one, else last.pt")
     parser.add_argument("--num", type=int, default=None, help=num_help)
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
@@ -232,7 +232,7 @@ def read_sampling_flags(parser, argv):
         parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
     check_output(parser, args.out, args.single)
     try:
-        checkpoint = read_checkpoint(checkpoint_path(args.run, best=args.checkpoint == "best"))
+        checkpoint = read_checkpoint(checkpoint_path(args.run, args.checkpoint))
     except CheckpointError as error:
         parser.error(str(error))
     return args, checkpoint

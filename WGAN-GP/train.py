@@ -49,8 +49,8 @@ from model import (FOLDER, FORMAT, WIDTH, Z_DIM, CheckpointError, Critic, FlagPa
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"resume", "data_root", "max_steps", "iters", "device", "sample_every", "log_every", "checkpoint_every",
-             "compile", "eval_every", "inception_weights"}
+RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "compile", "sample_every", "log_every",
+             "checkpoint_every", "eval_every", "inception_weights"}
 
 def gradient_penalty(D, real, fake):
     """§4, Eq. 3's penalty E[(||grad_x^ D(x^)||_2 - 1)^2] at x^ = eps x + (1 - eps) x~ (Alg. 1 lines 4, 6, 7).
@@ -500,7 +500,7 @@ def evaluate_checkpoint(args, checkpoint, device):
     except (KeyError, RuntimeError) as error:
         fail(f"--evaluate {args.evaluate}: G's weights do not fit {FOLDER}'s generator ({reason_of(error)})")
     real = RealSet(args)
-    path = checkpoint_path(args.evaluate, best=True)
+    path = checkpoint_path(args.evaluate, "auto")
     print(f"{FOLDER}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
     scores = sample_metrics(G.to(device), args, device, real, args.eval_samples)
     report_metrics(scores, args.eval_samples, real)
@@ -613,7 +613,7 @@ def parse_args(argv):
         parser.error("give --resume or --evaluate, not both")
     if args.resume or args.evaluate:
         flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        path = checkpoint_path(args.resume or args.evaluate, "last" if args.resume else "auto")
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:

@@ -342,7 +342,7 @@ def evaluate(args, checkpoint, device):
         valid, test = load_evaluation_images(args, device)
     except DataError as error:
         fail(error)
-    print(f"{checkpoint_path(args.evaluate, best=True)}: step {checkpoint['step']}")
+    print(f"{checkpoint_path(args.evaluate, 'auto')}: step {checkpoint['step']}")
     report(*parzen_estimate(G.to(device), valid, test, args, device))
     return 0
 
@@ -426,7 +426,7 @@ def parse_args(argv):
         parser.error("give --resume or --evaluate, not both")
     if args.resume or args.evaluate:
         flag, allowed = ("--resume", RESUMABLE) if args.resume else ("--evaluate", EVALUABLE)
-        path = checkpoint_path(args.resume or args.evaluate, best=flag == "--evaluate")
+        path = checkpoint_path(args.resume or args.evaluate, "last" if args.resume else "auto")
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as error:

@@ -31,15 +31,6 @@ def copied_blocks(folder):
             for name, body in re.findall(r"# >>> copied: (\S+) >>>\n(.*?)# <<< copied: \1 <<<", text, re.S)}
 
 
-def test_the_copied_data_blocks_are_identical():
-    blocks = {folder: copied_blocks(folder) for folder in ALL_FOLDERS}
-    assert all("mnist-files" in blocks[folder] for folder in ALL_FOLDERS)
-    assert all("image-data" in blocks[folder] for folder in CONV_FOLDERS)
-    for name, folders in (("mnist-files", ALL_FOLDERS), ("image-data", CONV_FOLDERS)):
-        for folder in folders[1:]:
-            assert blocks[folder][name] == blocks[folders[0]][name], (name, folder)
-
-
 def make_images(folder, count, seed=1):
     """COUNT small PNGs of different sizes and random content in FOLDER."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""The five convolutional folders against their papers: every hyperparameter default, the sign and target of
-every loss, and every place where two networks must see the same inputs.
+"""The folders against their papers: every hyperparameter default (all seven folders), and in the five
+convolutional folders the sign and target of every loss and every place where two networks must see the same
+inputs (the MLP folders' are in test_simplegan.py, test_cgan.py and test_table1.py).
 
 - Defaults: a table per folder names the source of each hyperparameter flag's default (the paper; the
   official code where the paper is silent) and is held against `train.build_parser()`.
@@ -22,12 +23,54 @@ from conftest import load_folder
 FOLDERS = ("DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
 folders = {name: load_folder(name) for name in FOLDERS}
 
-# Flags that manage a run rather than set the paper's algorithm (CONVENTIONS.md's command line).
+# Flags that manage a run, its data or its evaluation rather than set the paper's algorithm (CONVENTIONS.md's
+# command line); the evaluation protocols' defaults are tested in test_metrics.py and test_table1.py.
 RUN_FLAGS = {"help", "data_root", "max_steps", "device", "seed", "out", "resume", "sample_every", "log_every",
-             "checkpoint_every", "evaluate", "eval_every", "precision", "compile", "data_on"}
+             "checkpoint_every", "evaluate", "eval_every", "precision", "compile", "data_on", "cache_dir",
+             "strict_images", "eval_samples", "eval_every_samples", "eval_real", "feature_extractor",
+             "inception_weights", "evaluate_at_end"}
 
 # Every hyperparameter flag: (its default, the source of that default).
 DEFAULTS = {
+    "simpleGAN": {
+        "dataset": ("mnist", "§5: MNIST"),
+        "batch_size": (100, "official code: mnist.yaml batch_size 100"),
+        "k": (1, "Alg. 1: 'We used k = 1, the least expensive option'"),
+        "d_loss_scale": (1.0, "Alg. 1 ascends D's objective unscaled; official code: AdversaryCost2 halves it (a flag)"),
+        "simultaneous": (False, "Alg. 1 alternates D and G; official code: one simultaneous step (a flag)"),
+        "lr": (0.1, "official code: mnist.yaml learning_rate .1"),
+        "lr_decay": (1.000004, "official code: mnist.yaml ExponentialDecay decay_factor 1.000004"),
+        "lr_min": (1e-6, "official code: mnist.yaml ExponentialDecay min_lr .000001"),
+        "momentum": (0.5, "official code: mnist.yaml init_momentum .5"),
+        "final_momentum": (0.7, "official code: mnist.yaml MomentumAdjustor final_momentum .7"),
+        "momentum_saturate": (250, "official code: mnist.yaml MomentumAdjustor saturate 250"),
+        "z_dim": (100, "official code: mnist.yaml nvis 100"),
+        "g_width": (1200, "official code: mnist.yaml two RectifiedLinear layers of dim 1200"),
+        "d_width": (240, "official code: mnist.yaml two Maxout layers of 240 units"),
+        "epochs": (None, "until stopped: mnist.yaml sets no termination criterion, the paper no length"),
+        "select_every": (0, "off: mnist.yaml keeps the last model (its MonitorBasedSaveBest is commented out)"),
+        "parzen_samples": (10_000, "official code: parzen_ll.py num_samples 10000"),
+        "parzen_valid": (1000, "official code: parzen_ll.py limit_size 1000"),
+    },
+    "CGAN": {
+        "dataset": ("mnist", "§4.1: MNIST with its class labels"),
+        "image_size": (28, "§4.1: 784-dimensional samples"),
+        "valid_size": (10_000, "official GAN code: mnist.yaml, train[50000:60000] is the validation split"),
+        "batch_size": (100, "§4.1: mini-batches of size 100"),
+        "lr": (0.1, "§4.1: initial learning rate .1"),
+        "lr_decay": (1.00004, "§4.1: decay factor of 1.00004"),
+        "min_lr": (1e-6, "§4.1: exponentially decreased down to .000001"),
+        "momentum": (0.5, "§4.1: initial momentum .5"),
+        "final_momentum": (0.7, "§4.1: increased up to 0.7"),
+        "momentum_saturate": (250, "not in §4.1; official GAN code: mnist.yaml MomentumAdjustor saturate 250"),
+        "dropout": (0.5, "§4.1: dropout with probability 0.5 in G and D"),
+        "z_dim": (100, "§4.1: noise prior of dimensionality 100"),
+        "epochs": (576, "§4.1 stops at the best validation log-likelihood; 576 epochs reach the lr floor"),
+        "select_every": (5, "§4.1: the best validation log-likelihood is the stopping point"),
+        "sampling_dropout": (True, "G's samples as D saw them in training; GAN paper §5, IntrinsicDropoutGenerator"),
+        "parzen_per_class": (False, "§4.1 / Table 1: one window fitted to all 10,000 samples, log p(x)"),
+        "parzen_valid": (1000, "official GAN code: parzen_ll.py limit_size 1000"),
+    },
     "DCGAN": {
         "dataset": ("cifar10", "a choice: the paper trains on LSUN, faces and ImageNet-1k; CIFAR-10 downloads"),
         "image_size": (64, "Fig. 1: 64x64 output"),
@@ -39,6 +82,7 @@ DEFAULTS = {
         "z_dim": (100, "Fig. 1: 100-dimensional uniform z"),
         "width": (128, "Fig. 1: 128 channels before G's output (1024 at 4x4); official code: ngf = ndf = 128"),
         "epochs": (25, "official code: faces/train_uncond_dcgan.py niter = 25; the paper gives no length"),
+        "lsun_classes": (["bedroom_train"], "§4.1: LSUN bedrooms"),
     },
     "WGAN": {
         "dataset": ("cifar10", "a choice: §4.1 trains on LSUN bedrooms; CIFAR-10 downloads"),
@@ -51,6 +95,7 @@ DEFAULTS = {
         "z_dim": (100, "official code: main.py nz = 100"),
         "width": (64, "official code: main.py ngf = ndf = 64"),
         "iters": (None, "None: the G steps of 25 epochs of critic batches; official code: main.py niter = 25"),
+        "lsun_classes": (["bedroom_train"], "§4.1: LSUN bedrooms"),
     },
     "WGAN-GP": {
         "dataset": ("cifar10", "§5.3; official code: gan_cifar.py"),
@@ -76,6 +121,7 @@ DEFAULTS = {
         "z_dim": (1024, "figure; official code: train_lsun.py z_dim 1024"),
         "width": (64, "official code: vgg.py gf_dim = df_dim = 64"),
         "iters": (1_000_000, "official code: train_lsun.py max_steps 1000000"),
+        "lsun_classes": (["bedroom_train"], "official code: convert_lsun.py's default set; §4 trains per scene"),
     },
     "SN-DCGAN": {
         "dataset": ("cifar10", "§4.1, Table 2: CIFAR-10"),
@@ -124,9 +170,9 @@ def one_thread():
 
 # --- defaults ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("name", DEFAULTS)
 def test_every_hyperparameter_default_is_the_cited_one(name):
-    parser = folders[name].train.build_parser()
+    parser = load_folder(name).train.build_parser()
     defaults = {action.dest: action.default for action in parser._actions}
     table = DEFAULTS[name]
     uncited = sorted(set(defaults) - RUN_FLAGS - set(table))

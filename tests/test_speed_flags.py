@@ -2,14 +2,13 @@
 weights while the networks really compute in bfloat16, spectral norm and the gradient penalty hold
 under bf16, and --compile leaves the checkpoint as it was. Speed itself is measured by benchmark.py."""
 import copy
-import re
 
 import pytest
 import torch
 from torch import nn
 
 import benchmark
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train
+from conftest import assert_clean_error, load_checkpoint, load_folder, run_train
 
 FOLDERS = ("DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
 QUICK = ["--dataset", "mnist", "--image-size", 32, "--width", 8, "--batch-size", 8, "--device", "cpu"]
@@ -205,13 +204,3 @@ def test_compiled_run_has_the_checkpoint_of_an_eager_run_and_resumes_without_com
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = load_checkpoint(tmp_path / "compiled")
     assert checkpoint["step"] == 2 and checkpoint["args"]["compile"] is False
-
-
-def test_speed_block_is_identical_in_every_folder_but_its_per_folder_lines():
-    blocks = {}
-    for folder in FOLDERS:
-        text = (ROOT / folder / "train.py").read_text()
-        match = re.search(r"# >>> copied: speed >>>\n.*?# <<< copied: speed <<<\n", text, re.S)
-        assert match, folder
-        blocks[folder] = [line for line in match.group(0).splitlines() if not line.endswith("# per-folder")]
-    assert all(block == blocks["DCGAN"] for block in blocks.values())

@@ -278,7 +278,7 @@ def test_smoke_run_then_resume_then_sample(mnist_root, tmp_path):
     tags = scalar_tags(run)
     for tag in ("loss/D", "loss/G", "wasserstein/estimate", "penalty/gp"):
         assert [s for s, _ in tags[tag]] == [2, 3], tag  # the first run's step 2 is kept
-    assert_clean_error(run_train("WGAN-GP", "--resume", run, "--lambda-gp", "5"), "lambda_gp")
+    assert_clean_error(run_train("WGAN-GP", "--resume", run, "--lambda-gp", "5"), "--lambda-gp")
 
     sample = [sys.executable, "model.py", str(run), "--num", "10", "--device", "cpu"]
     subprocess.run([*sample, "--out", str(tmp_path / "grid.png")], cwd=ROOT / "WGAN-GP", check=True)
