@@ -591,10 +591,15 @@ class Run:
         self.started = time.perf_counter()
         print(f"{title} on {self.device}: steps {self.step} -> {total or 'until stopped'}; "
               f"run folder {self.out}", flush=True)
-        self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        # the progress bar goes to stdout: stderr is left to warnings and to a one-line error
+        self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                             file=sys.stdout)
 
     def running(self):
-        return (self.total is None or self.step < self.total) and self.stop.signal is None
+        if (self.total is None or self.step < self.total) and self.stop.signal is None:
+            return True
+        self.progress.close()
+        return False
 
     def due(self, every):
         return self.step % every == 0 or self.step == self.total

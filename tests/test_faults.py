@@ -141,3 +141,98 @@ def test_an_unwritable_out_is_refused_before_anything_is_created(tmp_path, capsy
         err = exits_2(capsys, load_folder(folder).train.parse_args, ["--out", str(blocker / "run"), "--device", "cpu"])
         assert "--out" in err and str(blocker) in err
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+# --- the run folder under faults: one folder is enough, the run management is a checked copy (test_copies.py) ---
+
+def simplegan_run(mnist_root, run, *flags):
+    return ["--data-root", str(mnist_root), "--g-width", "16", "--d-width", "8", "--batch-size", "10",
+            "--device", "cpu", "--out", str(run), *map(str, flags)]
+
+
+def run_main(capsys, argv):
+    """simpleGAN's train.main in-process: (exit code, stderr)."""
+    train = load_folder("simpleGAN").train
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            raise SystemExit(train.main(argv))
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return stopped.value.code, capsys.readouterr().err
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def full_disk(*args, **kwargs):
+    """A writer on a full disk: it writes a little, then fails as the operating system would."""
+    file = args[1] if len(args) > 1 and hasattr(args[1], "write") else None
+    if file is not None:
+        file.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "grid", "gif", "events"])
+def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_the_last_checkpoint(writer, mnist_root, tmp_path,
+                                                                                monkeypatch, capsys):
+    train = load_folder("simpleGAN").train
+    run = tmp_path / "run"
+    code, _ = run_main(capsys, simplegan_run(mnist_root, run, "--max-steps", 2, "--sample-every", 2))
+    assert code == 0
+    before = files_of(run)
+    target, name = {"checkpoint": (train.torch, "save"), "grid": (train.vutils, "save_image"),
+                    "gif": (train.imageio, "imwrite"), "events": (train.SummaryWriter, "add_scalar")}[writer]
+    monkeypatch.setattr(target, name, full_disk)
+    code, err = run_main(capsys, ["--resume", str(run), "--max-steps", "4", "--sample-every", "1",
+                                  "--log-every", "1", "--checkpoint-every", "1"])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "disk is full" in err and {"checkpoint": "last.pt", "grid": "step_0000003.png", "gif": "progress.gif",
+                                      "events": str(run)}[writer] in err, err
+    # the last checkpoint is whole: step 2's, untouched, or for the animation (written last) step 4's
+    if writer == "gif":
+        assert load_checkpoint(run)["step"] == 4
+    else:
+        assert files_of(run)[Path("checkpoints/last.pt")] == before[Path("checkpoints/last.pt")]
+    assert not list(run.rglob("*.tmp"))  # no temporary file is left taking the space
+
+
+def test_resuming_to_a_length_already_reached_is_refused_and_changes_nothing(mnist_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(capsys, simplegan_run(mnist_root, run, "--max-steps", 3))[0] == 0
+    before = files_of(run)
+    code, err = run_main(capsys, ["--resume", str(run), "--max-steps", "2"])
+    assert code == 2 and "step 3" in err and "--max-steps" in err
+    code, err = run_main(capsys, ["--resume", str(run)])  # the stored length: already reached too
+    assert code == 2 and "step 3" in err
+    assert files_of(run) == before  # args.json keeps max_steps 3; nothing else was touched
+
+
+def test_a_stray_temporary_checkpoint_is_removed_at_the_next_start(mnist_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.tmp").write_bytes(b"left by a run killed while saving")
+    assert run_main(capsys, simplegan_run(mnist_root, run, "--max-steps", 1))[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_a_failed_start_creates_nothing(mnist_root, tmp_path, capsys):
+    run, root = tmp_path / "run", tmp_path / "mistyped" / "data"
+    for folder in ("simpleGAN", "DCGAN"):
+        result = run_train(folder, "--data-root", root, "--dataset", "mnist", "--device", "cpu", "--out", run)
+        assert result.returncode == 2 and "Traceback" not in result.stderr and str(root) in result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the mistyped data root
+
+
+def test_a_checkpoint_of_this_folder_with_other_networks_is_refused(mnist_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(capsys, simplegan_run(mnist_root, run, "--max-steps", 1))[0] == 0
+    checkpoint = load_checkpoint(run)
+    checkpoint["G"]["net.0.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, run / "checkpoints" / "last.pt")
+    before = files_of(run)
+    code, err = run_main(capsys, ["--resume", str(run), "--max-steps", "2"])
+    assert code == 2 and "does not fit" in err and "Traceback" not in err
+    assert files_of(run) == before

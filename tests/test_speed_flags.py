@@ -204,3 +204,34 @@ def test_compiled_run_has_the_checkpoint_of_an_eager_run_and_resumes_without_com
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = load_checkpoint(tmp_path / "compiled")
     assert checkpoint["step"] == 2 and checkpoint["args"]["compile"] is False
+
+
+MLP = {"simpleGAN": ["--g-width", 32, "--d-width", 16], "CGAN": ["--valid-size", 100, "--select-every", 0]}
+
+
+@pytest.mark.parametrize("folder", MLP)
+def test_the_mlp_folders_run_their_networks_in_bf16_keep_float32_weights_and_resume(folder, mnist_root, tmp_path):
+    modules = load_folder(folder)
+    G, D = modules.model.Generator(), modules.model.Discriminator()
+    seen = []
+    for layer in [m for net in (G, D) for m in net.modules() if isinstance(m, nn.Linear)]:
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    modules.train.speed_up({"G": G, "D": D}, "bf16", False, CPU)
+    z = modules.model.sample_z(4)
+    if folder == "CGAN":
+        y = modules.model.one_hot(torch.arange(4))
+        out = D(G(z, y), y)
+    else:
+        out = D(G(z))
+    assert out.dtype == torch.float32 and seen and all(dtype == torch.bfloat16 for dtype in seen)
+
+    run = tmp_path / "run"
+    common = ["--data-root", mnist_root, "--batch-size", 10, "--device", "cpu", *MLP[folder]]
+    result = run_train(folder, *common, "--precision", "bf16", "--max-steps", 2, "--out", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = load_checkpoint(run)
+    tensors = [t for part in ("G", "D", "opt_G", "opt_D") for t in float_tensors(checkpoint[part])]
+    assert checkpoint["args"]["precision"] == "bf16" and all(t.dtype == torch.float32 for t in tensors)
+    assert run_train(folder, "--resume", run, "--max-steps", 3).returncode == 0
+    assert load_checkpoint(run)["step"] == 3
+    assert_clean_error(run_train(folder, "--resume", run, "--max-steps", 4, "--precision", "fp32"), "precision")
