@@ -90,7 +90,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, classes=CLASSES, image_size=IMAGE_SIZE, dropout=DROPOUT):
         super().__init__()
-        # §4.1: "maps x to a maxout layer with 240 units and 5 pieces, and y to a maxout layer with 50 units and 5 pieces"
+        # §4.1: "maps x to a maxout layer with 240 units and 5 pieces, and y to a maxout layer with 50 units
+        # and 5 pieces"
         self.x_path = nn.Sequential(Maxout(image_size * image_size, 240, 5), nn.Dropout(dropout))
         self.y_path = nn.Sequential(Maxout(classes, 50, 5), nn.Dropout(dropout))
         # §4.1: "a joint maxout layer with 240 units and 4 pieces before being fed to the sigmoid layer"

@@ -58,7 +58,8 @@ def check_image_size(image_size):
 
 
 class Generator(nn.Module):
-    """Figure (a): z -> fc s/16 x s/16 x 4w -> (deconv/2, deconv/1) x 2 at 4w -> deconv/2 2w -> deconv/2 w -> deconv/1 C."""
+    """Figure (a): z -> fc s/16 x s/16 x 4w -> (deconv/2, deconv/1) x 2 at 4w -> deconv/2 2w -> deconv/2 w
+    -> deconv/1 C."""
 
     def __init__(self, image_size=32, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()

@@ -52,8 +52,8 @@ from model import (FOLDER, FORMAT, WIDTH, Z_DIM, CheckpointError, Discriminator,
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "compile", "sample_every", "log_every",
-             "checkpoint_every", "eval_every", "inception_weights"}
+RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "compile", "channels_last",
+             "sample_every", "log_every", "checkpoint_every", "eval_every", "inception_weights"}
 # Table 1: the six optimiser settings, (alpha, beta1, beta2, n_dis). A follows Gulrajani et al. (2017),
 # B Warde-Farley & Bengio (2017), C Radford et al. (2016); D, E, F are the aggressive ones.
 SETTINGS = {
@@ -158,7 +158,7 @@ def main(argv=None):
         loss_G = generator_step(G, D, opt_G, sample_z(args.batch_size, args.z_dim, device), args.loss)
         run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_real, "D/fake": D_fake},
                      # Appendix C.1, Fig. 9: the spectral norm of each normalised layer should stay near 1
-                     also_log=lambda: {f"sn/sigma_{name}": sigma.item() for name, sigma in normalized_sigmas(D).items()})
+                     also_log=lambda: {f"sn/sigma_{name}": s.item() for name, s in normalized_sigmas(D).items()})
     return run.finish()
 
 
@@ -191,7 +191,8 @@ def build_parser():
                    help="Table 1's (alpha, beta1, beta2, n_dis): " +
                         ", ".join(f"{k} {v}" for k, v in SETTINGS.items()) +
                         ". Default B: §4.1 reports Table 2 'with optimal settings', and footnote 4 names "
-                        "'the optimal setting of SN-GANs (setting B, n_dis = 1)' (in its STL-10 discussion); App. C.1's Fig. 9 "
+                        "'the optimal setting of SN-GANs (setting B, n_dis = 1)' (in its STL-10 discussion); "
+                        "App. C.1's Fig. 9 "
                         "and the official code's SN-DCGAN command use C")
     p.add_argument("--lr", type=float, default=None, help="Adam alpha; None: the --setting's value (Table 1)")
     p.add_argument("--beta1", type=float, default=None, help="Adam beta1; None: the --setting's value (Table 1)")
@@ -581,16 +582,22 @@ def add_speed_flags(p):
                    help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
                         "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
                         "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the convolutions' weights, and so their activations, in channels-last memory layout "
+                        "(off: PyTorch's default layout); the arithmetic and the checkpoint are the same, the speed "
+                        "depends on the hardware (see the top-level README). --resume may turn it on or off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
                         "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
                         "matches an uninterrupted one only up to rounding")
 
 
-def speed_up(networks, precision, compile, device):
-    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
-    state_dict keys do not change, so checkpoints are the same with and without them."""
+def speed_up(networks, precision, compile, device, channels_last=False):
+    """--precision, --channels-last and --compile, applied in place to {name: network}. Parameters, buffers
+    and state_dict keys do not change, so checkpoints are the same with and without them."""
     for name, net in networks.items():
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
         if precision == "bf16":
             net.forward = bf16_forward(net, device.type)
         if compile and name in COMPILED:
@@ -807,7 +814,7 @@ class Run:
         # events after the checkpoint's step came from a run that went past it, and are dropped
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
-        speed_up(nets, args.precision, args.compile, fixed_z.device)
+        speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last)
         self.stop = StopRequest()
         # the first step whose scalars were not finite, kept on the device: no host sync per step
         self.device = fixed_z.device
@@ -835,7 +842,8 @@ class Run:
         device until they are logged."""
         self.step += 1
         self.progress.update()
-        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float() for value in scalars.values()])
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float()
+                              for value in scalars.values()])
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~values.isfinite().all(), self.step,
                                           self.first_bad_step)
         self.sums = values if self.sums is None else self.sums + values

@@ -49,8 +49,8 @@ from model import (FOLDER, FORMAT, WIDTH, Z_DIM, CheckpointError, Critic, FlagPa
 HERE = Path(__file__).resolve().parent
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 # Flags that may be given with --resume; everything else comes from the run's own args.json.
-RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "compile", "sample_every", "log_every",
-             "checkpoint_every", "eval_every", "inception_weights"}
+RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "iters", "device", "compile", "channels_last",
+             "sample_every", "log_every", "checkpoint_every", "eval_every", "inception_weights"}
 
 def gradient_penalty(D, real, fake):
     """§4, Eq. 3's penalty E[(||grad_x^ D(x^)||_2 - 1)^2] at x^ = eps x + (1 - eps) x~ (Alg. 1 lines 4, 6, 7).
@@ -554,16 +554,22 @@ def add_speed_flags(p):
                    help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
                         "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
                         "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the convolutions' weights, and so their activations, in channels-last memory layout "
+                        "(off: PyTorch's default layout); the arithmetic and the checkpoint are the same, the speed "
+                        "depends on the hardware (see the top-level README). --resume may turn it on or off")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help=f"torch.compile {' and '.join(COMPILED)} in place (off: eager PyTorch, as the papers' code "
                         "ran); the checkpoint does not change. --resume may turn it on or off; the resumed run then "
                         "matches an uninterrupted one only up to rounding")
 
 
-def speed_up(networks, precision, compile, device):
-    """--precision and --compile, applied in place to {name: network}. Parameters, buffers and
-    state_dict keys do not change, so checkpoints are the same with and without them."""
+def speed_up(networks, precision, compile, device, channels_last=False):
+    """--precision, --channels-last and --compile, applied in place to {name: network}. Parameters, buffers
+    and state_dict keys do not change, so checkpoints are the same with and without them."""
     for name, net in networks.items():
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
         if precision == "bf16":
             net.forward = bf16_forward(net, device.type)
         if compile and name in COMPILED:
@@ -780,7 +786,7 @@ class Run:
         # events after the checkpoint's step came from a run that went past it, and are dropped
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
-        speed_up(nets, args.precision, args.compile, fixed_z.device)
+        speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last)
         self.stop = StopRequest()
         # the first step whose scalars were not finite, kept on the device: no host sync per step
         self.device = fixed_z.device
@@ -808,7 +814,8 @@ class Run:
         device until they are logged."""
         self.step += 1
         self.progress.update()
-        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float() for value in scalars.values()])
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float()
+                              for value in scalars.values()])
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~values.isfinite().all(), self.step,
                                           self.first_bad_step)
         self.sums = values if self.sums is None else self.sums + values

@@ -57,7 +57,11 @@ def build_parser():
                    help="without and/or with train.py --compile; folders without the flag run without only")
     p.add_argument("--memory-format", nargs="+", default=["contiguous"], choices=("contiguous", "channels_last"),
                    help="memory formats of the convolutional networks' weights (and so of their activations)")
-    p.add_argument("--iters", type=int, default=20, help="timed generator iterations per configuration")
+    p.add_argument("--iters", type=int, default=20, help="timed generator iterations per configuration and round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of configurations this many times, one after the other, and pool each "
+                        "configuration's timings: on a shared machine whose speed drifts, interleaved rounds keep "
+                        "the drift out of the ratios")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed generator iterations first (compilation and cuDNN's kernel choice happen here)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's own choice)")
@@ -82,8 +86,8 @@ def check_args(parser, args):
     for name in ("batch_size", "image_size", "width", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.iters < 1 or args.warmup < 0 or args.workers < 0:
-        parser.error("--iters must be at least 1, --warmup and --workers at least 0")
+    if args.iters < 1 or args.rounds < 1 or args.warmup < 0 or args.workers < 0:
+        parser.error("--iters and --rounds must be at least 1, --warmup and --workers at least 0")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         parser.error(f"--device must be auto, cuda or cpu, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -482,6 +486,23 @@ def measure(config):
             "flops_per_iteration": flops, "tflops": flops / median / 1e12}
 
 
+def pooled(runs):
+    """One configuration's rounds as one result: the statistics of all their timed iterations together, and the
+    spread of the rounds' medians."""
+    if any("error" in run for run in runs):
+        return next(run for run in runs if "error" in run)
+    times = sorted(t for run in runs for t in run["ms"])
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    median = statistics.median(times)
+    first = runs[0]
+    return {**first, "ms": times, "median_ms": median, "p25_ms": q[0], "p75_ms": q[2], "min_ms": times[0],
+            "max_ms": times[-1], "round_medians_ms": [run["median_ms"] for run in runs],
+            "images_per_s": first["images_per_iteration"] / median * 1000,
+            "data_share": statistics.mean(run["data_share"] for run in runs),
+            "peak_memory_mb": max(run["peak_memory_mb"] for run in runs),
+            "tflops": first["flops_per_iteration"] / median * 1000 / 1e12}
+
+
 def cpu_name():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -583,16 +604,19 @@ def main(argv=None):
         if not has_speed_flags(folder):
             print(f"{folder}/train.py has no --precision or --compile: fp32 without compile only")
     started = datetime.now()
-    results = []
-    for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {label({**config})}", end=" ", flush=True)
-        result = run_one(config, args.timeout)
-        print(f"error: {result['error']}" if "error" in result else
-              f"{result['median_ms']:.2f} ms/iter (warm-up {result['warmup_s']:.1f} s)", flush=True)
-        results.append(result)
+    rounds = [[] for _ in configs]
+    for round_ in range(1, args.rounds + 1):
+        for i, config in enumerate(configs):
+            print(f"[round {round_}/{args.rounds}, {i + 1}/{len(configs)}] {label({**config})}", end=" ", flush=True)
+            result = run_one(config, args.timeout)
+            print(f"error: {result['error']}" if "error" in result else
+                  f"{result['median_ms']:.2f} ms/iter (warm-up {result['warmup_s']:.1f} s)", flush=True)
+            rounds[i].append(result)
+    results = [pooled(runs) for runs in rounds]
     measured = next((r for r in results if "error" not in r), {})
     print(f"\n{measured.get('device_name', args.device)}, torch {torch.__version__}, "
-          f"{measured.get('torch_threads', '?')} threads; {args.iters} timed iterations after {args.warmup}; "
+          f"{measured.get('torch_threads', '?')} threads; {args.rounds} x {args.iters} timed iterations, each "
+          f"round after {args.warmup}; "
           f"data: {', '.join(sorted({r['data_kind'] for r in results if 'data_kind' in r})) or '-'}")
     print(report(results, args.peak))
     summary = {"started": started.isoformat(timespec="seconds"), "command": [sys.executable, *sys.argv],

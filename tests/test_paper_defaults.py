@@ -36,7 +36,7 @@ DEFAULTS = {
         "dataset": ("mnist", "§5: MNIST"),
         "batch_size": (100, "official code: mnist.yaml batch_size 100"),
         "k": (1, "Alg. 1: 'We used k = 1, the least expensive option'"),
-        "d_loss_scale": (1.0, "Alg. 1 ascends D's objective unscaled; official code: AdversaryCost2 halves it (a flag)"),
+        "d_loss_scale": (1.0, "Alg. 1: D's objective unscaled; official code: AdversaryCost2 halves it (a flag)"),
         "simultaneous": (False, "Alg. 1 alternates D and G; official code: one simultaneous step (a flag)"),
         "lr": (0.1, "official code: mnist.yaml learning_rate .1"),
         "lr_decay": (1.000004, "official code: mnist.yaml ExponentialDecay decay_factor 1.000004"),

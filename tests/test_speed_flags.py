@@ -235,3 +235,20 @@ def test_the_mlp_folders_run_their_networks_in_bf16_keep_float32_weights_and_res
     assert run_train(folder, "--resume", run, "--max-steps", 3).returncode == 0
     assert load_checkpoint(run)["step"] == 3
     assert_clean_error(run_train(folder, "--resume", run, "--max-steps", 4, "--precision", "fp32"), "precision")
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_channels_last_changes_the_layout_not_the_arithmetic_nor_the_checkpoint(folder):
+    modules, args, networks, _ = tiny_setup(folder)
+    G, D = networks["G"], networks["D"]
+    keys = {name: list(net.state_dict()) for name, net in networks.items()}
+    torch.manual_seed(1)
+    z = modules.model.sample_z(4, args.z_dim)
+    G.eval(), D.eval()
+    before = D(G(z))
+    modules.train.speed_up(networks, "fp32", False, CPU, channels_last=True)
+    convolutions = [m for net in networks.values() for m in net.modules() if isinstance(m, (nn.Conv2d,
+                                                                                            nn.ConvTranspose2d))]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    assert torch.allclose(D(G(z)), before, rtol=1e-4, atol=1e-5)
+    assert {name: list(net.state_dict()) for name, net in networks.items()} == keys
