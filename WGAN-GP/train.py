@@ -134,15 +134,17 @@ def main(argv=None):
 
     # Alg. 1 line 1: while theta has not converged (here: for a fixed number of generator iterations)
     while run.running():
+        critic = []  # (loss, Wasserstein estimate, penalty) of each critic iteration, logged as their mean
         # Alg. 1 line 2: for t = 1, ..., n_critic. Lines 3-8 ("for i = 1, ..., m") are the batch axis of each tensor.
         for _ in range(args.n_critic):
             # Alg. 1 line 4: a fresh minibatch of real x ~ P_r and of z ~ p(z) for every critic iteration
             x = next(batches)
-            loss_D, w_estimate, gp = critic_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device), args.lambda_gp)
+            critic.append(critic_step(G, D, opt_D, x, sample_z(len(x), args.z_dim, device), args.lambda_gp))
         # Alg. 1 line 11: sample a batch of latent variables {z(i)}, i = 1..m
         z = sample_z(args.batch_size, args.z_dim, device)
         # Alg. 1 line 12: the generator's Adam step on -D(G(z))
         loss_G = generator_step(G, D, opt_G, z)
+        loss_D, w_estimate, gp = torch.stack([torch.stack(values) for values in critic]).mean(0)
         run.end_step({"wasserstein/estimate": w_estimate, "penalty/gp": gp, "loss/D": loss_D, "loss/G": loss_G})
     return run.finish()
 

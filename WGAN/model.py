@@ -179,8 +179,8 @@ def add_sampling_flags(parser, num_help):
     """model.py's flags, the same in every folder."""
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
     parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"),
-                        help="in a run folder: best.pt (the best by train.py --eval-every or --select-every), "
-                             "last.pt, or auto: best.pt when the run kept one, else last.pt")
+                        help="in a run folder: best.pt (the best checkpoint by the folder's metric, when train.py "
+                             "kept one), last.pt, or auto: best.pt when the run kept one, else last.pt")
     parser.add_argument("--num", type=int, default=None, help=num_help)
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
@@ -241,7 +241,8 @@ def main(argv=None):
     try:
         G = load_generator(checkpoint, args.device)
     except (KeyError, RuntimeError) as error:  # weights of other networks
-        parser.error(f"{args.run}: the checkpoint's G does not fit WGAN's generator ({error})")
+        parser.error(f"{args.run}: the checkpoint's G does not fit WGAN's generator "
+                     f"({str(error).strip().splitlines()[0]})")
 
     torch.manual_seed(args.seed)
     images = sample(G, sample_z(num, checkpoint["args"]["z_dim"], args.device)).add(1).div(2)

@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,7 @@ def write_checkpoints(folder, root):
         files[path] = words
 
     put("empty.pt", b"", ["not a readable checkpoint"])
-    put("random.pt", os.urandom(4096), ["not a readable checkpoint"])
+    put("random.pt", np.random.default_rng(0).bytes(4096), ["not a readable checkpoint"])
     put("tensor.pt", torch.zeros(3), ["not a checkpoint written"])
     put("state_dict.pt", {"net.0.weight": torch.zeros(2, 2)}, ["not a checkpoint written"])
     put("other_folder.pt", {**good, "folder": other}, [f"{other}/train.py"])
@@ -235,4 +236,7 @@ def test_a_checkpoint_of_this_folder_with_other_networks_is_refused(mnist_root, 
     before = files_of(run)
     code, err = run_main(capsys, ["--resume", str(run), "--max-steps", "2"])
     assert code == 2 and "does not fit" in err and "Traceback" not in err
+    err = exits_2(capsys, load_folder("simpleGAN").model.main, [str(run), "--out", str(tmp_path / "grid.png"),
+                                                                "--device", "cpu"])
+    assert "does not fit" in err
     assert files_of(run) == before
