@@ -2,8 +2,6 @@
 --evaluate, and model.py. Each ends with exit code 2 and one line naming the flag or the file, without a
 traceback, and leaves every file of an existing run as it was."""
 import errno
-import hashlib
-import math
 import os
 import signal
 from pathlib import Path
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_checkpoint, load_folder, run_train
+from conftest import load_checkpoint, load_folder, run_train
 
 FOLDERS = ("simpleGAN", "CGAN", "DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
 # Flags that name files or folders: their faults are the subject of the tests further down.
