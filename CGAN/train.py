@@ -141,8 +141,8 @@ def main(argv=None):
         loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, y, sample_z(len(x), args.z_dim, device))
         # G's update on a fresh minibatch of m noise samples z
         loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device), y)
-        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z,
-                      "lr": lr, "momentum": mu})
+        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z},
+                     also_log=lambda: {"lr": lr, "momentum": mu})
 
     if run.stopped_by is None and args.evaluate_at_end:
         final_evaluation(G, run, valid, test, args, device)

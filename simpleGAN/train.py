@@ -168,8 +168,8 @@ def main(argv=None):
                 loss_D, D_x, D_G_z = discriminator_step(G, D, opt_D, x, z, args.d_loss_scale)
             # Alg. 1: a fresh minibatch of m noise samples z, then G's update
             loss_G = generator_step(G, D, opt_G, sample_z(len(x), args.z_dim, device))
-        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z,
-                      "lr": lr, "momentum": momentum})
+        run.end_step({"loss/D": loss_D, "loss/G": loss_G, "D/real": D_x, "D/fake": D_G_z},
+                     also_log=lambda: {"lr": lr, "momentum": momentum})
 
     if run.stopped_by is None and args.evaluate_at_end:
         final_evaluation(G, run, valid, test, args, device)

@@ -28,7 +28,7 @@ folders = {name: load_folder(name) for name in FOLDERS}
 RUN_FLAGS = {"help", "data_root", "max_steps", "device", "seed", "out", "resume", "sample_every", "log_every",
              "checkpoint_every", "evaluate", "eval_every", "precision", "compile", "data_on", "cache_dir",
              "strict_images", "eval_samples", "eval_every_samples", "eval_real", "feature_extractor",
-             "inception_weights", "evaluate_at_end"}
+             "inception_weights", "evaluate_at_end", "channels_last"}
 
 # Every hyperparameter flag: (its default, the source of that default).
 DEFAULTS = {
