@@ -267,17 +267,20 @@ def parzen_log_likelihoods(x, samples, sigmas, chunk=1000):
 
     p(x) = 1/N sum_i N(x; samples_i, sigma^2 I), so
     log p(x) = logsumexp_i(-|x - samples_i|^2 / (2 sigma^2)) - log N - d log(sigma sqrt(2 pi)).
-    The squared distances of a chunk of x to all samples are one matrix product, shared by every sigma.
+    The squared distances of a chunk of x to all samples are one matrix product, shared by every sigma, in
+    float64: in float32 (or TF32 on a GPU) the expansion |x|^2 + |s|^2 - 2 x.s loses the small distances that
+    a narrow window scores.
     """
-    x, samples = x.flatten(1).float(), samples.flatten(1).float()
+    x, samples = x.flatten(1).double(), samples.flatten(1).double()
     n, d = samples.shape
     samples_sq = samples.square().sum(1)
     out = []
     for part in x.split(chunk):
         distances = (part.square().sum(1, keepdim=True) + samples_sq - 2 * part @ samples.T).clamp_min_(0)
         out.append(torch.stack([torch.logsumexp(distances / (-2 * s * s), 1) for s in sigmas]))
-    log_norm = torch.tensor([math.log(n) + d * math.log(s * math.sqrt(2 * math.pi)) for s in sigmas])
-    return torch.cat(out, 1).double() - log_norm.double().to(x.device)[:, None]
+    log_norm = torch.tensor([math.log(n) + d * math.log(s * math.sqrt(2 * math.pi)) for s in sigmas],
+                            dtype=torch.float64, device=x.device)
+    return torch.cat(out, 1) - log_norm[:, None]
 
 
 def choose_sigma(valid_log_likelihoods, sigmas=SIGMAS):
