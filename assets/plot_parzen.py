@@ -42,8 +42,8 @@ def main():
     for item in args.paper:
         label, nats = item.split("=", 1)
         ax.axhline(float(nats), linestyle="--", linewidth=1, color="grey")
-        ax.annotate(f"{label}, Table 1 (test): {nats}", (0, float(nats)), textcoords="offset points",
-                    xytext=(4, 3), fontsize=8, color="grey")
+        ax.text(0.01, float(nats) + 2, f"{label}, Table 1 (test set): {nats}", transform=ax.get_yaxis_transform(),
+                fontsize=8, color="grey")
     if args.ymin is not None:
         ax.set_ylim(bottom=args.ymin)
     ax.set_xlabel("epoch")
