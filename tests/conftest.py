@@ -22,7 +22,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
-FOLDER_MODULES = ("model", "dataset", "train")
+FOLDER_MODULES = ("support", "model", "dataset", "train")
 
 
 @functools.cache

@@ -1,0 +1,1499 @@
+"""Everything that is not the paper: the same file, byte for byte, in every folder of the collection.
+
+model.py, train.py and dataset.py hold the paper; this file runs it. What differs between folders (the
+folder's name, z's prior, its data sets, the flags --resume may change, which networks compile) is passed
+in by them; nothing here imports them. A change here is made once and copied to the six other folders
+(tests/test_copies.py names the first line where a copy differs).
+
+Contents, in order: one-line errors and flags; checkpoints; the run's configuration (--resume,
+--evaluate); speed flags; the training run (folder, logs, grids, checkpoints, signals, NaN guard);
+model.py's sampling command; IS, FID and KID through torch-fidelity; MNIST's files; decoding and caching
+image files; where the decoded set is kept and how batches are fed.
+"""
+import argparse
+import bisect
+import contextlib
+import errno
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import imageio.v3 as imageio
+import numpy as np
+import PIL
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.utils as vutils
+from torch.nn.utils import parametrize
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+from torchvision.datasets.utils import check_integrity
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+DATA_ROOT = HERE.parent / "data"  # data sets live beside the folders, shared by all of them
+FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
+
+
+# ---- one-line errors and flags ----
+
+def fail(message, code=2):
+    """A one-line error and exit code 2, for a problem the user can fix (code 1: a training run diverged)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def reason(error):
+    """What went wrong, in one line: the last non-empty line of an error's message, or its type's name."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the disk is full"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with every default in --help and a bad flag reported in one line, without the usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        fail(message)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def require_at_least(parser, args, minimum, *names):
+    """Each of the flags `names` (destination names; None means unset) is at least `minimum`."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"{flag(name)} must be at least {minimum}, got {value}")
+
+
+def require_positive(parser, args, *names):
+    """Each of the flags `names` is a finite number above 0."""
+    for name in names:
+        if not 0 < getattr(args, name) < math.inf:
+            parser.error(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+
+
+def add_run_flags(p, sample_every=500, log_every=50, checkpoint_every=500):
+    """The flags of a training run that every folder shares; the paper's own flags come before them."""
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    add_speed_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
+    p.add_argument("--sample-every", type=int, default=sample_every, help="steps between fixed-noise sample grids")
+    p.add_argument("--log-every", type=int, default=log_every, help="steps between scalar logs")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A failed write (a full disk, a folder made read-only) ends the run with one line naming the file."""
+    try:
+        yield
+    except OSError as error:
+        fail(f"cannot write {path}: {reason(error)}")
+
+
+def write_atomically(path, data):
+    """`data` (bytes) written to a temporary file, flushed to disk and renamed over `path`: a kill at any moment
+    leaves the previous file whole. A failed write removes the temporary file and raises OSError."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def unwritable(folder):
+    """Why `folder` cannot be created or written to, or None; nothing is created to find out."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "exists and is not a folder"
+    parent = next(p for p in [folder, *folder.parents] if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+# ---- checkpoints ----
+
+class CheckpointError(Exception):
+    """A file that is not a usable checkpoint of this folder; train.py and model.py print it and exit with 2."""
+
+
+def checkpoint_path(path, which="last"):
+    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt or best.pt (the best by the
+    folder's metric), or with which="auto" best.pt when the run kept one, else last.pt."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if which == "auto":
+        which = "best" if (path / "checkpoints" / "best.pt").is_file() else "last"
+    return path / "checkpoints" / f"{which}.pt"
+
+
+def read_checkpoint(path, folder):
+    """A checkpoint written by `folder`'s train.py, loaded on the CPU; anything else raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, random bytes, not a torch file, unreadable
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason(error)})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("folder"), str):
+        raise CheckpointError(f"{path} is not a checkpoint written by a train.py of this collection")
+    if checkpoint["folder"] != folder:
+        raise CheckpointError(f"{path} was written by {checkpoint['folder']}/train.py, not by {folder}/train.py")
+    if checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')}; this {folder}/train.py "
+                              f"reads format {FORMAT}")
+    return checkpoint
+
+
+def save_checkpoint(path, state):
+    """The state serialised in memory, then written atomically: a full disk is an honest OSError, never a
+    half-written checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with writing(path):
+        write_atomically(path, buffer.getbuffer())
+
+
+def run_folder(checkpoint):
+    """The run folder of a checkpoint: RUN for RUN/checkpoints/last.pt, else the checkpoint's own folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+# ---- the run's configuration ----
+
+# Flags defined here that --resume may change: where things are and how fast, never what is computed.
+RESUMABLE = {"data_root", "data_on", "cache_dir", "max_steps", "device", "compile", "channels_last", "sample_every",
+             "log_every", "checkpoint_every", "eval_every", "inception_weights"}
+EVALUABLE = {"data_root", "device", "seed"}
+
+
+def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
+    """The run's configuration and, with --resume or --evaluate, the checkpoint it continues or scores. A run
+    keeps its own configuration: only RESUMABLE | `resumable` (EVALUABLE | `evaluable`) may be given anew.
+    `check(parser, args)` checks the paper's flags."""
+    args = parser.parse_args(argv)
+    checkpoint = None
+    evaluate = getattr(args, "evaluate", None)
+    if args.resume and evaluate:
+        parser.error("give --resume or --evaluate, not both")
+    if args.resume or evaluate:
+        name, allowed = ("--resume", RESUMABLE | set(resumable)) if args.resume else \
+            ("--evaluate", EVALUABLE | set(evaluable))
+        path = checkpoint_path(args.resume or evaluate, "last" if args.resume else "auto")
+        try:
+            checkpoint = read_checkpoint(path, folder)
+        except CheckpointError as error:
+            parser.error(f"{name}: {error}")
+        given = explicit_flags(parser, argv)
+        changed = sorted(flag(key) for key, value in given.items()
+                         if key not in allowed | {"resume", "evaluate"} and value != checkpoint["args"].get(key))
+        if changed:
+            parser.error(f"{name} uses the run's own configuration; {', '.join(changed)} cannot change (allowed: "
+                         f"{', '.join(flag(key) for key in sorted(allowed))})")
+        args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
+                                     "evaluate": evaluate, "out": str(run_folder(path))})
+    check_run_flags(parser, args)
+    check(parser, args)
+    return args, checkpoint
+
+
+def explicit_flags(parser, argv):
+    """The flags given on the command line, by destination name: argparse fills in a default only for a name
+    that the namespace does not hold yet, so parsing into a namespace of placeholders leaves defaults out."""
+    unset = object()
+    names = vars(parser.parse_args(argv))
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name: value for name, value in vars(given).items() if value is not unset}
+
+
+def check_device(parser, device, choices=("auto", "cpu", "cuda")):
+    if device not in choices and not device.startswith("cuda:"):
+        parser.error(f"--device must be {', '.join(choices[:-1])} or {choices[-1]}, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}, but no CUDA GPU is visible; use --device cpu")
+
+
+def check_run_flags(parser, args):
+    """The flags add_run_flags defines."""
+    require_at_least(parser, args, 1, "sample_every", "log_every", "checkpoint_every", "max_steps")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    check_device(parser, args.device)
+    if args.out is not None and not getattr(args, "evaluate", None):
+        problem = unwritable(args.out)
+        if problem:
+            parser.error(f"--out {args.out}: {problem}")
+
+
+def pick_device(args):
+    """--device auto: CUDA when a GPU is visible, else the CPU."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def rng_untouched(device, seed=None):
+    """Draws inside come from their own stream (seeded by `seed` when given); every random stream of the
+    training is as it was afterwards, so an exact resume stays exact."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+# ---- speed ----
+
+def add_speed_flags(p):
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
+                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
+                        "state stay float32. Part of the run's configuration: --resume keeps it")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the convolutions' weights, and so their activations, in channels-last memory layout "
+                        "(off: PyTorch's default layout); the arithmetic and the checkpoint are the same, the speed "
+                        "depends on the hardware (see the top-level README). --resume may turn it on or off")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the networks in place (off: eager PyTorch, as the papers' code ran); the "
+                        "checkpoint does not change. --resume may turn it on or off; the resumed run then matches "
+                        "an uninterrupted one only up to rounding")
+
+
+def speed_up(networks, precision, compile, device, channels_last=False, compiled=("G", "D")):
+    """--precision, --channels-last and --compile, applied in place to {name: network}; only the networks named
+    in `compiled` are compiled (torch.compile cannot differentiate a gradient twice, so a network whose input
+    gradient enters the loss stays eager). Parameters, buffers and state_dict keys do not change."""
+    for name, net in networks.items():
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        if precision == "bf16":
+            net.forward = bf16_forward(net, device.type)
+        if compile and name in compiled:
+            # One graph per input shape (dynamic=False): the sample grid's batch leaves the training graph static.
+            net.compile(dynamic=False)
+    if compile:
+        print(f"--compile: {' and '.join(n for n in networks if n in compiled)} compile during the first steps")
+
+
+def bf16_forward(net, device_type):
+    """net.forward under bfloat16 autocast, with its output returned as float32.
+
+    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so the float32
+    parameters remain the master weights and every loss is computed in float32. Parametrized weights (spectral
+    norm's W / sigma(W)) are computed first, outside autocast: the power iteration and sigma stay float32, and
+    cached() keeps them to one computation, so one power iteration, per forward.
+    """
+    forward = net.forward
+    parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
+                    for name in module.parametrizations]
+
+    def forward_in_bf16(*inputs):
+        with parametrize.cached():
+            for module, name in parametrized:
+                getattr(module, name)
+            with torch.autocast(device_type, torch.bfloat16):
+                output = forward(*inputs)
+        return output.float()
+
+    return forward_in_bf16
+
+
+# ---- the training run ----
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+class Run:
+    """One training run: its folder, step counter, scalars, fixed-noise grids, checkpoints (every
+    --checkpoint-every steps, at the end, and on Ctrl-C or SIGTERM), the best checkpoint by `metric`, and the
+    stop on NaN or Inf. A checkpoint holds every network, optimiser, RNG state and the batch position, so a
+    resumed run continues exactly.
+
+    `metric()` returns ({scalar name: value}, score) every `eval_every` steps; `grid(z)` draws the fixed-noise
+    grid; `folder` names the folder in checkpoints; `compiled` names the networks --compile compiles."""
+
+    def __init__(self, args, checkpoint, nets, optimizers, batches, fixed_z, total, title, grid, folder,
+                 compiled=("G", "D"), metric=None, eval_every=0, higher_is_better=True):
+        if args.max_steps is not None:
+            total = args.max_steps if total is None else min(total, args.max_steps)
+        self.args, self.nets, self.optimizers, self.batches, self.fixed_z = args, nets, optimizers, batches, fixed_z
+        self.total, self.grid, self.metric, self.eval_every = total, grid, metric, eval_every
+        self.folder, self.higher_is_better = folder, higher_is_better
+        self.out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        self.step, self.best = 0, None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            if total is not None and self.step >= total:
+                fail(f"{self.out} is at step {self.step}, which already reaches the length asked for ({total} steps); "
+                     f"to go on, give a larger --max-steps or a longer training length")
+        elif (self.out / "checkpoints" / "last.pt").exists():
+            fail(f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another --out")
+        for folder in (self.out / "samples", self.out / "checkpoints"):
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        for stray in (self.out / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
+            stray.unlink()
+        if checkpoint is not None:
+            self.restore_best_file(checkpoint)
+        with writing(self.out / "args.json"):
+            write_atomically(self.out / "args.json", json.dumps(vars(args), indent=2).encode())
+        # events after the checkpoint's step came from a run that went past it, and are dropped
+        with writing(self.out):
+            self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
+        speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last, compiled)
+        self.stop = StopRequest()
+        # the first step whose scalars were not finite, kept on the device: no host sync per step
+        self.device = fixed_z.device
+        self.first_bad_step = torch.tensor(-1, device=self.device)
+        self.sums, self.summed = None, 0
+        self.started = time.perf_counter()
+        print(f"{title} on {self.device}: steps {self.step} -> {total or 'until stopped'}; "
+              f"run folder {self.out}", flush=True)
+        # the progress bar goes to stdout: stderr is left to warnings and to a one-line error
+        self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                             file=sys.stdout)
+
+    def running(self):
+        if (self.total is None or self.step < self.total) and self.stop.signal is None:
+            return True
+        self.progress.close()
+        return False
+
+    def due(self, every):
+        return self.step % every == 0 or self.step == self.total
+
+    def end_step(self, scalars, also_log=None):
+        """After the step's updates: count it, and log (each scalar's mean since the last log, and also_log()'s
+        values, computed only then), draw, evaluate and save when their intervals come. The scalars stay on the
+        device until they are logged."""
+        self.step += 1
+        self.progress.update()
+        values = torch.stack([torch.as_tensor(value, device=self.device).detach().float()
+                              for value in scalars.values()])
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~values.isfinite().all(), self.step,
+                                          self.first_bad_step)
+        self.sums = values if self.sums is None else self.sums + values
+        self.summed += 1
+        if self.due(self.args.log_every):
+            self.check_finite()
+            self.log({**dict(zip(scalars, (self.sums / self.summed).tolist())), **(also_log() if also_log else {})})
+            self.sums, self.summed = None, 0
+        if self.due(self.args.sample_every):
+            grid = self.grid(self.fixed_z)
+            path = self.out / "samples" / f"step_{self.step:07d}.png"
+            with writing(path):
+                vutils.save_image(grid, path)
+                self.writer.add_image("samples", grid, self.step)
+        if self.eval_every and self.step % self.eval_every == 0:
+            self.evaluate()
+        if self.step % self.args.checkpoint_every == 0:
+            self.check_finite()
+            self.save("last.pt")
+
+    def log(self, scalars):
+        with writing(self.out):
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, self.step)
+        self.progress.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in list(scalars.items())[:2]})
+
+    def evaluate(self):
+        """The metric now; a new best is saved as best.pt, with last.pt at the same step (see restore_best_file)."""
+        self.check_finite()
+        scalars, score = self.metric()
+        self.log(scalars)
+        higher, best = self.higher_is_better, self.best
+        if math.isfinite(score) and (best is None or (score > best["score"] if higher else score < best["score"])):
+            self.best = {"score": score, "step": self.step}
+            self.save("last.pt")
+            self.save("best.pt")
+
+    def check_finite(self):
+        """Stop, keeping the last good checkpoint, if a scalar, a weight or a buffer has become NaN or Inf."""
+        bad_step = self.first_bad_step.item()
+        tensors = [t for net in self.nets.values() for t in [*net.parameters(), *net.buffers()]
+                   if t.is_floating_point()]
+        if bad_step < 0 and not torch.stack([t.isfinite().all() for t in tensors]).all():
+            bad_step = self.step
+        if bad_step >= 0:
+            self.writer.close()
+            last = self.out / "checkpoints" / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
+            fail(f"a loss or weight became NaN or Inf at step {bad_step}; stopped there, and {kept}", code=1)
+
+    def state(self):
+        return {"folder": self.folder, "format": FORMAT, "step": self.step, "best": self.best, "fixed_z": self.fixed_z,
+                **{name: net.state_dict() for name, net in self.nets.items()},
+                **{name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                "batches": self.batches.state_dict(), "rng": rng_states(), "args": vars(self.args)}
+
+    def save(self, name):
+        save_checkpoint(self.out / "checkpoints" / name, self.state())
+
+    def restore(self, checkpoint):
+        try:
+            for name, net in self.nets.items():
+                net.load_state_dict(checkpoint[name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(checkpoint[name])
+            self.batches.load_state_dict(checkpoint["batches"])
+            self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
+            self.step, self.best = checkpoint["step"], checkpoint["best"]
+            set_rng_states(checkpoint["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a checkpoint of other networks
+            fail(f"--resume {self.args.resume}: the checkpoint does not fit {self.folder}'s networks ({reason(error)})")
+
+    def restore_best_file(self, checkpoint):
+        """A kill between writing last.pt and best.pt at a new best leaves an older best.pt: rewrite it."""
+        path = self.out / "checkpoints" / "best.pt"
+        if self.best is not None and self.best["step"] == self.step:
+            try:
+                stale = read_checkpoint(path, self.folder)["step"] != self.step
+            except CheckpointError:
+                stale = True
+            if stale:
+                save_checkpoint(path, checkpoint)
+
+    @property
+    def stopped_by(self):
+        """The signal (SIGINT, SIGTERM) that stopped the run, or None."""
+        return self.stop.signal
+
+    def finish(self):
+        """The last checkpoint and the progress animation; returns the exit code (128 + signal if stopped)."""
+        self.progress.close()
+        self.check_finite()
+        self.save("last.pt")
+        with writing(self.out / "progress.gif"):
+            write_gif(self.out / "samples", self.out / "progress.gif")
+        with writing(self.out):
+            self.writer.close()
+        if self.stop.signal is not None:
+            print(f"stopped by {signal.Signals(self.stop.signal).name} at step {self.step}; continue with: "
+                  f"python train.py --resume {self.out}")
+            return 128 + self.stop.signal
+        print(f"done: step {self.step} of {self.total} in {(time.perf_counter() - self.started) / 60:.1f} min; "
+              f"samples and checkpoint in {self.out}")
+        return 0
+
+
+def write_gif(samples_dir, path, max_frames=100):
+    """The fixed-noise grids as an animation, at most `max_frames` of them, evenly spaced."""
+    frames = sorted(samples_dir.glob("step_*.png"))
+    if frames:
+        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
+        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
+
+
+# ---- model.py's sampling command ----
+
+def sampling_parser(description, num_help):
+    """model.py's flags, the same in every folder; a folder may add its own before read_sampling_flags."""
+    parser = FlagParser(description=description)
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
+    parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"),
+                        help="in a run folder: best.pt (the best checkpoint by the folder's metric, when train.py "
+                             "kept one), last.pt, or auto: best.pt when the run kept one, else last.pt")
+    parser.add_argument("--num", type=int, default=None, help=num_help)
+    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
+    parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
+    parser.add_argument("--seed", type=int, default=0, help="seed for z")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    return parser
+
+
+def read_sampling_flags(parser, argv, folder):
+    """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, 1, "num")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    check_device(parser, args.device, ("cpu", "cuda"))
+    out = Path(args.out)
+    if args.single and out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        parser.error(f"--out {out} exists and is not an empty folder; --single needs a new or empty folder")
+    if not args.single and out.exists():
+        parser.error(f"--out {out} already exists; choose a new file name for the grid")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: {parent} is not a writable folder")
+    try:
+        checkpoint = read_checkpoint(checkpoint_path(args.run, args.checkpoint), folder)
+    except CheckpointError as error:
+        parser.error(str(error))
+    return args, checkpoint
+
+
+def load_weights(parser, net, weights, what):
+    """`weights` into `net`, or one line saying that they belong to other networks."""
+    try:
+        net.load_state_dict(weights)
+    except (KeyError, RuntimeError) as error:
+        parser.error(f"{what}: the checkpoint's weights do not fit this folder's networks ({reason(error)})")
+    return net
+
+
+def write_images(images, out, single, nrow, names=None):
+    """Images in [0, 1] as one grid PNG, or with `single` one PNG per image (00000.png, ... unless `names`)."""
+    out = Path(out)
+    with writing(out):
+        if single:
+            out.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            vutils.save_image(images, out, nrow=nrow, padding=2)
+
+
+# ---- IS, FID and KID through torch-fidelity ----
+# The papers' yardstick: Inception Score (Salimans et al. 2016), FID (Heusel et al. 2017) and KID (Binkowski et al.
+# 2018), all computed by torch-fidelity. G's samples and the real images go to it as uint8 tensors, never as files.
+ISC_SPLITS = 10  # Salimans et al. 2016 (official code, inception_score.py): the mean and std over 10 splits
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018 (torch-fidelity's defaults): 100 subsets of 1000
+EVAL_BATCH = 64  # images per forward pass of G and of the feature extractor (torch-fidelity's default)
+METRIC_RESUMABLE = {"eval_every", "eval_every_samples"}
+METRIC_EVALUABLE = {"eval_samples", "eval_real", "feature_extractor", "inception_weights"}
+# Data sets with a test split for --eval-real test (torchvision reads them as whole arrays).
+TEST_SPLITS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+               "cifar10": torchvision.datasets.CIFAR10}
+
+
+def fidelity():
+    """torch-fidelity, imported at first use: only the convolutional folders' metrics need it."""
+    import torch_fidelity
+    from torch_fidelity.registry import NOISE_SOURCE_REGISTRY
+
+    if "uniform_-1_1" not in NOISE_SOURCE_REGISTRY:
+        # z ~ U(-1, 1)^d, drawn from torch-fidelity's own seeded NumPy stream like its "normal" source
+        torch_fidelity.register_noise_source(
+            "uniform_-1_1", lambda rng, shape: torch.from_numpy(rng.uniform(-1.0, 1.0, shape)).float())
+    return torch_fidelity
+
+
+def inception_weights_file():
+    """The file name under which torch-fidelity's Inception-v3 weights are downloaded and looked for."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    return URL_INCEPTION_V3, Path(URL_INCEPTION_V3).name
+
+
+def add_metric_flags(p):
+    p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="print the Inception Score, FID and KID of a trained G (a run folder's checkpoints/best.pt "
+                        "when it kept one, else its last.pt; or a checkpoint file), write metrics.json into its run "
+                        "folder, and exit")
+    p.add_argument("--eval-samples", type=int, default=50_000,
+                   help="samples of G that --evaluate scores; 50,000 in 10 splits is the IS protocol of Salimans "
+                        "et al. 2016 (official code) and of the official WGAN-GP code (gan_cifar_resnet.py)")
+    p.add_argument("--eval-real", default="train", choices=("train", "test"),
+                   help="the real images FID and KID compare against: the training set as train.py prepares it, "
+                        "or the test split (mnist, fashion-mnist, cifar10) prepared the same way")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="during training, every N steps: IS, FID and KID on --eval-every-samples samples, logged "
+                        "as metrics/is, metrics/fid, metrics/kid; the best FID's checkpoint is kept as "
+                        "checkpoints/best.pt (default: off)")
+    p.add_argument("--eval-every-samples", type=int, default=10_000,
+                   help="samples of G for each --eval-every evaluation (fewer than --eval-samples: faster, "
+                        "and FID is higher at fewer samples, so compare only numbers of the same sample count)")
+    p.add_argument("--feature-extractor", default="inception-v3-compat",
+                   help="torch-fidelity's feature extractor; inception-v3-compat is its port of the TensorFlow "
+                        "Inception-v3 that the IS and FID reference code uses")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="a local copy of the feature extractor's weights (default: torch-fidelity downloads "
+                        f"{inception_weights_file()[1]} into torch's hub checkpoints folder at first use)")
+
+
+def check_metric_args(parser, args):
+    require_at_least(parser, args, ISC_SPLITS, "eval_samples", "eval_every_samples")
+    require_at_least(parser, args, 1, "eval_every")
+    if args.eval_real == "test" and args.dataset not in TEST_SPLITS:
+        parser.error(f"--eval-real test: {args.dataset} has no test split here (those with one: "
+                     f"{', '.join(TEST_SPLITS)}); use --eval-real train")
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    if args.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        parser.error(f"--feature-extractor {args.feature_extractor!r} is not one of torch-fidelity's: "
+                     f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        parser.error(f"--inception-weights {args.inception_weights}: no such file")
+
+
+def check_feature_extractor(args, device):
+    """Create the feature extractor once, downloading its weights at first use; exit 2 if that cannot be done."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    url, name = inception_weights_file()
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    if args.feature_extractor == "inception-v3-compat" and args.inception_weights is None \
+            and not (folder / name).exists():
+        print(f"downloading the Inception-v3 weights {url} into {folder} (once)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(folder / name), progress=True)
+        except Exception as error:  # no network, a refused connection, an unwritable folder
+            fail(f"the Inception-v3 weights {name} are not in {folder} and could not be downloaded "
+                 f"({reason(error)}); copy the file into that folder (from {url}), or pass --inception-weights FILE")
+    extractor = FEATURE_EXTRACTORS_REGISTRY[args.feature_extractor]
+    with rng_untouched(device):
+        try:
+            extractor(args.feature_extractor, [extractor.get_default_feature_layer_for_metric("fid")],
+                      feature_extractor_weights_path=args.inception_weights, verbose=False)
+        except Exception as error:  # a missing, corrupt or mismatched weights file
+            if args.inception_weights is not None:
+                fail(f"--inception-weights {args.inception_weights}: not usable by {args.feature_extractor} "
+                     f"({reason(error)})")
+            if args.feature_extractor != "inception-v3-compat":
+                fail(f"the feature extractor {args.feature_extractor} could not be created ({reason(error)})")
+            fail(f"the Inception-v3 weights {folder / name} are unreadable ({reason(error)}); delete the file to "
+                 f"download it again, or pass --inception-weights FILE")
+
+
+def real_images(args, training_images):
+    """The real set as a CPU uint8 tensor (N, C, H, W): the training set exactly as train.py trains on it, or
+    the test split prepared the same way (the whole image resized once, antialiased, rounded to uint8)."""
+    if args.eval_real == "train":
+        return training_images(args)
+    try:
+        data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
+    except Exception as error:  # missing or corrupt files, or a failed download
+        raise DataError(f"the {args.dataset} test split is not readable under {args.data_root} ({reason(error)}); "
+                        f"put it there, or use --eval-real train") from None
+    return resize(data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous(), args.image_size)
+
+
+class RealImages(torch.utils.data.Dataset):
+    """The real images as torch-fidelity takes them: uint8 (3, H, W), a single channel repeated three times."""
+
+    def __init__(self, images):
+        self.images = images
+        self.progress = None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        """A whole batch at once (the DataLoader's batched fetch), with a progress bar."""
+        if self.progress is None:
+            self.progress = tqdm(total=len(self), desc=f"embedding the {len(self)} real images (once)", unit="img",
+                                 leave=False, dynamic_ncols=True)
+        self.progress.update(len(indices))
+        images = self.images[indices]
+        return list(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
+
+
+class RealSet:
+    """The real images FID and KID compare against, and the name and folder of torch-fidelity's cache of their
+    features: keyed by data set, split, image size, image count and content, and the extractor's weights."""
+
+    def __init__(self, args, training_images):
+        try:
+            images = torch.as_tensor(real_images(args, training_images))
+        except DataError as error:
+            fail(error)
+        self.dataset = RealImages(images)
+        self.description = (f"the {len(images)} {args.eval_real} images of {args.dataset} at "
+                            f"{args.image_size}x{args.image_size}")
+        content = hashlib.sha1()
+        for start in range(0, len(images), 4096):
+            content.update(images[start:start + 4096].contiguous().numpy())
+        # torch-fidelity adds the extractor's name to the file names; its weights are identified here
+        weights = (hashlib.sha256(Path(args.inception_weights).read_bytes()).hexdigest()[:8]
+                   if args.inception_weights else "default")
+        self.cache_name = (f"{args.dataset}-{args.eval_real}-{args.image_size}px-{len(images)}-"
+                           f"{content.hexdigest()[:12]}-weights-{weights}")
+        candidates = [Path(args.data_root) / ".fidelity-cache", Path(torch.hub.get_dir()).parent / "fidelity_cache"]
+        self.cache_root = next((folder for folder in candidates if writable(folder)), None)
+        if self.cache_root is None:
+            tqdm.write("neither the data root nor torch's folder is writable: the real set's features will be "
+                       "computed at every evaluation")
+        elif self.cache_root != candidates[0]:
+            tqdm.write(f"the data root {args.data_root} is not writable; the real set's features are cached in "
+                       f"{self.cache_root}")
+
+    def cached(self, extractor):
+        return self.cache_root is not None and any(self.cache_root.glob(f"{self.cache_name}-{extractor}-*"))
+
+
+def samples_of(draw, z_dim, z_prior, device, progress):
+    """G as torch-fidelity samples it: z from the folder's prior (torch-fidelity's seeded noise source
+    `z_prior`), `draw(z)` in [-1, 1] (G in eval mode), mapped back to uint8 pixels with three channels."""
+
+    class Samples(fidelity().GenerativeModelBase):
+        z_size, z_type, num_classes = z_dim, z_prior, 0
+
+        def forward(self, z):
+            images = draw(z.to(device)).float()
+            progress.update(len(z))
+            # [-1, 1] back to pixels: the inverse of the data's x / 127.5 - 1
+            pixels = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+    return Samples()
+
+
+def sample_metrics(draw, args, device, z_prior, real, num_samples):
+    """IS of num_samples samples of G; their FID and KID against the real set, whose features are cached."""
+    tf = fidelity()
+    if not real.cached(args.feature_extractor):
+        tqdm.write(f"the features of {real.description} are computed once"
+                   + (f" and cached in {real.cache_root}" if real.cache_root else ""))
+    progress = tqdm(total=num_samples, desc=f"generating and embedding {num_samples} samples", unit="img",
+                    leave=False, dynamic_ncols=True)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    kid_subset_size = min(KID_SUBSET_SIZE, num_samples, len(real.dataset))
+    with rng_untouched(device), on_device:
+        scores = tf.calculate_metrics(
+            input1=samples_of(draw, args.z_dim, z_prior, device, progress), input1_model_num_samples=num_samples,
+            input2=real.dataset, input2_cache_name=real.cache_name, cache=real.cache_root is not None,
+            cache_root=str(real.cache_root), isc=True, fid=True, kid=True, isc_splits=ISC_SPLITS,
+            kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size,
+            feature_extractor=args.feature_extractor, feature_extractor_weights_path=args.inception_weights,
+            batch_size=EVAL_BATCH, cuda=device.type == "cuda", rng_seed=args.seed, save_cpu_ram=True,
+            verbose=False)
+    progress.close()
+    if real.dataset.progress is not None:
+        real.dataset.progress.close()
+        real.dataset.progress = None
+    return {"inception_score": scores[tf.KEY_METRIC_ISC_MEAN], "inception_score_std": scores[tf.KEY_METRIC_ISC_STD],
+            "fid": scores[tf.KEY_METRIC_FID], "kid": scores[tf.KEY_METRIC_KID_MEAN],
+            "kid_std": scores[tf.KEY_METRIC_KID_STD], "kid_subset_size": kid_subset_size}
+
+
+def evaluate_checkpoint(args, checkpoint, G, draw, device, folder, z_prior, training_images):
+    """--evaluate: IS, FID and KID of the checkpoint's G on --eval-samples samples; metrics.json in its run
+    folder. `draw(z)` samples G in [-1, 1]; `training_images(args)` is the training set as uint8."""
+    run = Path(args.out)
+    if not writable(run):
+        fail(f"cannot write metrics.json into the run folder {run}")
+    check_feature_extractor(args, device)
+    try:
+        G.load_state_dict(checkpoint["G"])
+    except (KeyError, RuntimeError) as error:
+        fail(f"--evaluate {args.evaluate}: G's weights do not fit {folder}'s generator ({reason(error)})")
+    G.to(device)
+    real = RealSet(args, training_images)
+    path = checkpoint_path(args.evaluate, "auto")
+    print(f"{folder}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
+    scores = sample_metrics(draw, args, device, z_prior, real, args.eval_samples)
+    print(f"Inception Score: {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f} "
+          f"({args.eval_samples} samples, {ISC_SPLITS} splits)")
+    print(f"FID: {scores['fid']:.3f} ({args.eval_samples} samples against {real.description})")
+    print(f"KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} ({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
+    record = {"folder": folder, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
+              "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
+              "real_split": args.eval_real, "real_images": len(real.dataset), **scores,
+              "isc_splits": ISC_SPLITS, "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
+              "feature_extractor": args.feature_extractor,
+              "feature_extractor_weights": args.inception_weights or (
+                  inception_weights_file()[1] if args.feature_extractor == "inception-v3-compat" else "default"),
+              "torch_fidelity": fidelity().__version__, "device": str(device)}
+    with writing(run / "metrics.json"):
+        write_atomically(run / "metrics.json", json.dumps(record, indent=2).encode())
+    print(f"wrote {run / 'metrics.json'}")
+    return 0
+
+
+class TrainingMetrics:
+    """--eval-every: IS, FID and KID of --eval-every-samples samples of G, logged as metrics/...; the run keeps
+    the checkpoint of the lowest FID as checkpoints/best.pt."""
+
+    def __init__(self, draw, args, device, z_prior, training_images):
+        self.draw, self.args, self.device, self.z_prior = draw, args, device, z_prior
+        self.training_images, self.real = training_images, None
+
+    def __call__(self):
+        if self.real is None:
+            self.real = RealSet(self.args, self.training_images)
+        scores = sample_metrics(self.draw, self.args, self.device, self.z_prior, self.real,
+                                self.args.eval_every_samples)
+        tqdm.write(f"FID {scores['fid']:.3f}, IS {scores['inception_score']:.3f}, KID {scores['kid']:.5f} "
+                   f"({self.args.eval_every_samples} samples)")
+        scalars = {"metrics/fid": scores["fid"], "metrics/is": scores["inception_score"], "metrics/kid": scores["kid"]}
+        return scalars, scores["fid"]
+
+
+# ---- MNIST's files ----
+
+class DataError(Exception):
+    """A problem with the data that the user can fix: train.py prints it and exits with code 2."""
+
+
+MNIST_CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+
+
+def read_mnist(name, root, train=True, download=True):
+    """The training (or test) images (N, 28, 28) and labels (N,) of MNIST or Fashion-MNIST under `root`.
+
+    torchvision's parsers read ROOT/MNIST/raw/*-ubyte (FashionMNIST/raw/ for Fashion-MNIST), plain or
+    gzipped; a gzipped file is read where it is (a read-only folder is fine). A file that is there is used
+    whenever it parses, whatever its checksum; files that are not there are downloaded when `download` is
+    set. Every problem is a DataError naming the file.
+    """
+    folder = Path(root) / MNIST_CLASSES[name].__name__ / "raw"
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    absent = [folder / stem for stem in stems if not idx_file(folder, stem).is_file()]
+    if absent:
+        wanted = " and ".join(f"{path}(.gz)" for path in absent)
+        if not download:
+            raise DataError(f"{name}: {wanted} not found; point --data-root at a folder that has it")
+        try:
+            with no_new_folders_on_failure(folder):
+                MNIST_CLASSES[name](root, train=train, download=True)
+        except Exception as error:  # offline, blocked, or refused by the server
+            raise DataError(f"{name}: {wanted} not found, and downloading it failed ({reason(error)}); download "
+                            f"it on a machine with network access, or point --data-root at a folder that has it") \
+                from None
+    image_file, label_file = (idx_file(folder, stem) for stem in stems)
+    images = read_idx(image_file, torchvision.datasets.mnist.read_image_file, "image")
+    labels = read_idx(label_file, torchvision.datasets.mnist.read_label_file, "label")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images, not MNIST's 28x28")
+    if len(labels) != len(images):
+        raise DataError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
+                        f"one of the two files is damaged")
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{label_file} holds labels above 9: it is not an MNIST label file")
+    return images, labels.long()
+
+
+def idx_file(folder, stem):
+    """The IDX file `stem` in `folder`: the plain file when there is one, else the gzipped one."""
+    plain = folder / stem
+    return plain if plain.is_file() else folder / f"{stem}.gz"
+
+
+def read_idx(path, parse, kind):
+    """One IDX file parsed by torchvision's `parse`; a gzipped one is unpacked into a scratch folder first."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = path
+        try:
+            if path.suffix == ".gz":
+                source = Path(scratch) / path.stem
+                source.write_bytes(gzip.decompress(path.read_bytes()))
+            return parse(str(source))
+        except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, or cut short
+            raise DataError(f"{path} cannot be read ({reason(error)}); replace it") from None
+        except Exception as error:  # torchvision's parser stops with an assertion, a type or a shape error
+            raise DataError(f"{path} is not an MNIST {kind} file in IDX format ({reason(error)}); replace it") \
+                from None
+
+
+@contextlib.contextmanager
+def no_new_folders_on_failure(folder):
+    """Remove the folders on the way to `folder` that a failed attempt created: a mistyped --data-root is not
+    left behind as an empty tree."""
+    folder = Path(folder).absolute()
+    new = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        if new:
+            import shutil
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
+
+
+# ---- image data: in memory, or decoded once into a cache ----
+
+CHANNELS = {"cifar10": 3, "mnist": 1, "fashion-mnist": 1, "celeba": 3, "folder": 3, "lsun": 3}
+# The scene categories torchvision's LSUN reads; a set is CATEGORY_train or CATEGORY_val.
+LSUN_SCENES = ("bedroom", "bridge", "church_outdoor", "classroom", "conference_room", "dining_room", "kitchen",
+               "living_room", "restaurant", "tower")
+# What torchvision reads under --data-root, named in the error when it is missing.
+EXPECTED_FILES = {"cifar10": "cifar-10-batches-py/ (or cifar-10-python.tar.gz)",
+                  "celeba": "celeba/img_align_celeba/*.jpg and celeba/list_eval_partition.txt"}
+DECODE_CHUNK = 256  # images decoded and written at a time: bounds the memory a decode holds
+DECODE_WORKERS = 8  # at most this many decoding processes
+SAVE_EVERY = 16  # chunks between progress records, from which an interrupted decode continues
+ROOMY = 0.5  # --data-on auto: the set fits where it takes at most half of the free memory
+
+
+def add_image_data_flags(p, lsun_classes):
+    """--data-root and the flags of decoding and placement; `lsun_classes` the paper's LSUN sets (or none)."""
+    p.add_argument("--data-root", default=str(DATA_ROOT), help="where data sets live (../data)")
+    if lsun_classes:
+        p.add_argument("--lsun-classes", nargs="+", default=list(lsun_classes), metavar="SET",
+                       help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun (CATEGORY_train or CATEGORY_val)")
+    p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
+                   help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
+                        "memory, else host memory, else a memory-mapped file; the batches are the same")
+    p.add_argument("--cache-dir", default=None,
+                   help="where image folders, CelebA and LSUN are cached once decoded (default: beside the data, "
+                        "or ~/.cache/gan-papers when that is read-only)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="stop at an image file that does not decode (default: leave it out with a warning)")
+
+
+def load_images(name, root, image_size, prepare, cache_dir=None, strict=False, lsun_classes=(), download=True):
+    """The whole training set of `name` as a uint8 tensor (N, C, image_size, image_size).
+
+    MNIST, Fashion-MNIST and CIFAR-10 are read into memory by torchvision and resized there. Image folders,
+    CelebA and LSUN are decoded once by `prepare` (PIL image -> uint8 tensor) into a cache file that is then
+    memory-mapped (see decode_once), so the set is never held twice in memory.
+    """
+    root = Path(root)
+    if name in MNIST_CLASSES:
+        return resize(read_mnist(name, root, download=download)[0].unsqueeze(1), image_size)
+    if name == "cifar10":
+        try:
+            with no_new_folders_on_failure(root):
+                data = torchvision.datasets.CIFAR10(root, train=True, download=download).data
+        except Exception as error:  # missing or corrupt files, or a failed download
+            raise damaged_cifar10(root) or missing("cifar10", root, error) from None
+        return resize(torch.as_tensor(data).permute(0, 3, 1, 2).contiguous(), image_size)
+    if name == "folder":
+        source = folder_source(root, prepare)
+    elif name == "celeba":
+        try:
+            with no_new_folders_on_failure(root / "celeba"):
+                celeba = torchvision.datasets.CelebA(root, split="all", target_type=[], transform=prepare,
+                                                     download=download)
+        except Exception as error:  # missing or corrupt files, or a failed download
+            raise missing("celeba", root, error) from None
+        files = [os.path.join(celeba.root, celeba.base_folder, "img_align_celeba", f) for f in celeba.filename]
+        source = (f"CelebA in {(root / 'celeba').absolute()}", root / "celeba", files_digest(files), celeba)
+    else:
+        source = lsun_source(root, lsun_classes, prepare)
+    return decode_once(*source, image_size, cache_dir, strict)
+
+
+def missing(name, root, error):
+    return DataError(f"{name} is not readable under {root} ({reason(error)}); expected {EXPECTED_FILES[name]} "
+                     f"there. Download it on a machine with network access, or point --data-root at a folder "
+                     f"that has it.")
+
+
+def damaged_cifar10(root):
+    """A DataError naming the first file of ROOT/cifar-10-batches-py that is missing or damaged, if any."""
+    cifar = torchvision.datasets.CIFAR10
+    folder = root / cifar.base_folder
+    for file, md5 in (*cifar.train_list, *cifar.test_list):
+        if folder.is_dir() and not check_integrity(str(folder / file), md5):
+            state = "does not match torchvision's checksum" if (folder / file).is_file() else "is missing"
+            return DataError(f"cifar10: {folder / file} {state}; replace {folder} with a fresh copy from "
+                             f"cifar-10-python.tar.gz, or point --data-root at a folder that has one")
+    return None
+
+
+def resize(images, image_size, chunk=4096):
+    """A uint8 set (N, C, H, W) resized once to image_size (bilinear, antialiased, rounded), in chunks."""
+    if images.shape[-1] == image_size:
+        return images
+    out = torch.empty((*images.shape[:2], image_size, image_size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        part = F.interpolate(images[start:start + chunk].float(), size=(image_size, image_size), mode="bilinear",
+                             antialias=True)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+class FlatFolder(torch.utils.data.Dataset):
+    """A folder of images without class sub-folders (CelebA's img_align_celeba/, say). The names are one numpy
+    array, not a list of Python strings, so decoding processes share them, not copy them."""
+
+    def __init__(self, root, transform):
+        self.root, self.transform = Path(root), transform
+        self.names = np.array(sorted(os.fsencode(entry.name) for entry in os.scandir(root)
+                                     if os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS), dtype=bytes)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        return self.transform(pil_loader(self.file(index))), 0
+
+    def file(self, index):
+        return str(self.root / os.fsdecode(self.names[index]))
+
+
+def folder_source(root, prepare):
+    """torchvision's ImageFolder when `root` has class sub-folders, else every image directly in `root`."""
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder; --dataset folder needs a folder of images")
+    try:
+        if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+            images = torchvision.datasets.ImageFolder(root, transform=prepare, allow_empty=True)
+            files = [file for file, _ in images.samples]
+        else:
+            images = FlatFolder(root, prepare)
+            files = [images.file(i) for i in range(len(images))]
+    except OSError as error:
+        raise DataError(f"--data-root {root} cannot be read ({reason(error)})") from None
+    if not files:
+        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {root}")
+    return f"the images in {root.absolute()}", root, files_digest(files), images
+
+
+def files_digest(paths):
+    """A hash of every file's name, size and modification time: what a decoded cache depends on."""
+    digest = hashlib.sha1()
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{os.path.basename(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{os.path.basename(path)}\tunreadable\n".encode())
+    return digest.hexdigest()
+
+
+class LsunScenes(torchvision.datasets.LSUN):
+    """torchvision's LSUN; each decoding process opens the databases afresh (an LMDB handle must not be used
+    across a fork), and torchvision's key list goes to a scratch folder, not the user's working folder."""
+
+    def __init__(self, root, classes, transform):
+        previous = os.getcwd()
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)
+            try:
+                super().__init__(root, classes=list(classes), transform=transform)
+            finally:
+                os.chdir(previous)
+        self.opened_by = os.getpid()
+
+    def __getitem__(self, index):
+        if self.opened_by != os.getpid():
+            import lmdb
+            for db in self.dbs:
+                db.env.close()  # this process's copy of the parent's handle
+                db.env = lmdb.open(db.root, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False)
+            self.opened_by = os.getpid()
+        return super().__getitem__(index)
+
+    def file(self, index):
+        category = bisect.bisect_right(self.indices, index)
+        start = self.indices[category - 1] if category else 0
+        return f"{self.dbs[category].root} entry {self.dbs[category].keys[index - start].decode(errors='replace')}"
+
+
+def lsun_source(root, classes, prepare):
+    """LSUN's sets `classes` under ROOT/lsun, as its download script leaves them: CLASS_lmdb/data.mdb."""
+    folder = root / "lsun"
+    for name in classes:
+        category, _, split = name.rpartition("_")
+        if category not in LSUN_SCENES or split not in ("train", "val"):
+            raise DataError(f"--lsun-classes: {name!r} is not an LSUN scene set; give CATEGORY_train or "
+                            f"CATEGORY_val with CATEGORY one of {', '.join(LSUN_SCENES)}")
+    try:
+        import lmdb
+    except ImportError:
+        raise DataError("--dataset lsun reads LMDB databases and needs the lmdb package: pip install lmdb") from None
+    identity = []
+    for name in classes:
+        database = folder / f"{name}_lmdb"
+        if not (database / "data.mdb").is_file():
+            raise DataError(f"lsun: {database / 'data.mdb'} not found; get {name}_lmdb.zip with LSUN's download.py "
+                            f"(python3 download.py -c {name.rpartition('_')[0]} -o {folder}), unzip it there, or "
+                            f"point --data-root at the folder that holds lsun/")
+        try:
+            with lmdb.open(str(database), readonly=True, lock=False) as env:
+                entries = env.stat()["entries"]
+        except lmdb.Error as error:
+            raise DataError(f"lsun: {database} is not a readable LMDB database ({reason(error)}); "
+                            f"download and unzip {name}_lmdb.zip again") from None
+        if entries == 0:
+            raise DataError(f"lsun: {database} holds no images")
+        stat = (database / "data.mdb").stat()
+        identity.append(f"{name}\t{entries}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return (f"LSUN {' + '.join(classes)} in {folder.absolute()}", folder, digest(identity),
+            LsunScenes(str(folder.absolute()), classes, prepare))
+
+
+def digest(lines):
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
+class Decodable(torch.utils.data.Dataset):
+    """Each image of `dataset` as (uint8 tensor, None), or as (None, why) when its file does not decode."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index][0], None
+        except Exception as error:  # a truncated or corrupt image file: reported, not fatal
+            file = self.dataset.file(index) if hasattr(self.dataset, "file") else (
+                self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}")
+            why = "not an image file that Pillow reads" if isinstance(error, PIL.UnidentifiedImageError) \
+                else reason(error)
+            return None, f"{file} ({why})"
+
+
+def stack_decoded(items):
+    """A chunk of Decodable items: the images stacked (or None), the problems, and the number of items."""
+    images = [image for image, _ in items if image is not None]
+    return (torch.stack(images) if images else None), [why for _, why in items if why is not None], len(items)
+
+
+def decode_once(what, home, identity, dataset, image_size, cache_dir, strict):
+    """The images of `dataset` (described as `what`), decoded to uint8 (N, 3, S, S) and mapped from a cache file.
+
+    The cache's name holds a hash of all it depends on (the files' names, sizes and modification times, the
+    size, the preparation and the libraries' versions), so a stale cache is never read. It is whole when
+    STEM.u8 and STEM.json agree; it is written as STEM.partial, chunk by chunk, with a progress record from
+    which an interrupted decode continues, and renamed at the end. Files that do not decode are left out with
+    a warning, or stop the decode with `strict`.
+    """
+    folder = cache_folder(home, cache_dir)
+    prefix = f".decoded-{image_size}px-{digest([what])}-"
+    recipe = f"{dataset.transform}, Pillow {PIL.__version__}, torchvision {torchvision.__version__}"
+    stem = folder / (prefix + digest([identity, str(image_size), recipe]))
+    if open_cache(stem) is None:
+        decode_into(what, dataset, stem, image_size, strict)
+        for stale in folder.glob(prefix + "*"):  # caches of earlier versions of the same files
+            if not stale.name.startswith(stem.name + "."):
+                stale.unlink(missing_ok=True)
+    cached = open_cache(stem)
+    if cached is None:
+        raise DataError(f"the decoded images in {stem}.u8 cannot be read back; delete that file and run again")
+    images, skipped = cached
+    if skipped:
+        listed = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        if strict:
+            raise DataError(f"{len(skipped)} image files do not decode (--strict-images): {listed}")
+        print(f"warning: left out {len(skipped)} of {len(images) + len(skipped)} image files that do not decode: "
+              f"{listed}; --strict-images makes this an error", file=sys.stderr)
+    return images
+
+
+def writable(folder):
+    """Whether `folder` can be created and written to."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def cache_folder(home, cache_dir):
+    """--cache-dir; else `home`, beside the data; else, when that is read-only, the user's cache folder."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if writable(home):
+        return home
+    fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan-papers"
+    print(f"note: {home} is not writable, so the decoded images are cached in {fallback} "
+          f"(--cache-dir chooses another folder)", file=sys.stderr)
+    return fallback
+
+
+def open_cache(stem):
+    """The cached images, mapped from disk (not read), and the files left out; None unless the cache is whole."""
+    data = Path(f"{stem}.u8")
+    try:
+        meta = json.loads(Path(f"{stem}.json").read_text())
+        shape, skipped = [int(n) for n in meta["shape"]], [str(why) for why in meta["skipped"]]
+        if len(shape) != 4 or shape[0] < 1 or data.stat().st_size != math.prod(shape):
+            return None
+        images = torch.from_file(str(data), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # absent, partial or damaged
+        return None
+    images.mapped_from = data
+    return images, skipped
+
+
+def decode_into(what, dataset, stem, image_size, strict):
+    """Decode every image into STEM.u8 and STEM.json, continuing an interrupted decode of STEM.partial."""
+    dataset, row = Decodable(dataset), 3 * image_size * image_size
+    total = len(dataset)
+    partial, progress_file = Path(f"{stem}.partial"), Path(f"{stem}.progress.json")
+    try:
+        progress = json.loads(progress_file.read_text())
+        if partial.stat().st_size < progress["rows"] * row:
+            raise ValueError("the partial file is shorter than its record")
+    except (OSError, ValueError, KeyError, TypeError):
+        progress = {"done": 0, "rows": 0, "skipped": []}
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "r+b" if progress["done"] else "wb") as file:
+            file.truncate(progress["rows"] * row)
+            file.seek(progress["rows"] * row)
+            remaining = torch.utils.data.Subset(dataset, range(progress["done"], total))
+            workers = min(DECODE_WORKERS, os.cpu_count() or 1, math.ceil(len(remaining) / DECODE_CHUNK))
+            # its own generator: the workers' seeds are not drawn from the training's seeded stream
+            loader = torch.utils.data.DataLoader(remaining, batch_size=DECODE_CHUNK, num_workers=workers,
+                                                 collate_fn=stack_decoded, generator=torch.Generator())
+            with tqdm(total=total, initial=progress["done"], unit="img", desc=f"decoding {total} images once") as bar:
+                for chunk, (images, problems, count) in enumerate(loader, 1):
+                    if problems and strict:
+                        raise DataError(f"{problems[0]} does not decode; without --strict-images it would be "
+                                        f"left out with a warning")
+                    if images is not None:
+                        file.write(images.contiguous().numpy().data)
+                    progress = {"done": progress["done"] + count, "rows": progress["rows"] + count - len(problems),
+                                "skipped": progress["skipped"] + problems}
+                    bar.update(count)
+                    if chunk % SAVE_EVERY == 0:  # what was written is on disk before the record says so
+                        file.flush()
+                        os.fsync(file.fileno())
+                        write_atomically(progress_file, json.dumps(progress).encode())
+        if progress["rows"] == 0:
+            raise DataError(f"none of the {total} images of {what} decode; the first: {progress['skipped'][0]}")
+        meta = {"source": what, "shape": [progress["rows"], 3, image_size, image_size], "skipped": progress["skipped"]}
+        write_atomically(Path(f"{stem}.json"), json.dumps(meta, indent=1).encode())
+        os.replace(partial, f"{stem}.u8")  # from here on the cache is whole
+        progress_file.unlink(missing_ok=True)
+    except OSError as error:  # a full disk or an unwritable folder: nothing half-written stays behind
+        for path in (partial, progress_file):
+            path.unlink(missing_ok=True)
+        raise DataError(f"cannot write the decoded images to {partial} ({reason(error)}); free space there, "
+                        f"or choose another folder with --cache-dir") from None
+    except RuntimeError as error:  # a decoding process died
+        raise DataError(f"decoding {what} stopped ({reason(error)}); run again to continue") from None
+
+
+# ---- where the decoded set is kept, and the batches ----
+
+def size_text(size):
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def host_memory_available():
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def choose_place(size, data_on, device):
+    """Where Batches keeps a set of `size` bytes, and why: --data-on, or for auto the device when the set
+    takes at most half of its free memory, else host memory when it fits there, else disk."""
+    if data_on != "auto":
+        return data_on, f"--data-on {data_on}"
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_available()
+    if free is None:
+        return "device", f"auto: the {size_text(size)} set; the free memory on {device} is not known"
+    if size <= ROOMY * free:
+        return "device", f"auto: the {size_text(size)} set fits in half of the {size_text(free)} free on {device}"
+    too_big = f"auto: the {size_text(size)} set needs more than half of the {size_text(free)} free on {device}"
+    host = host_memory_available() if device.type == "cuda" else None
+    if device.type == "cuda" and (host is None or size <= ROOMY * host):
+        return "host", too_big + "; it fits in host memory"
+    return "disk", too_big + (f" and of the {size_text(host)} of host memory" if host is not None else "")
+
+
+def keep(images, place, device):
+    """The uint8 set where Batches keeps it: on the device, in host memory, or mapped from a file."""
+    mapped = getattr(images, "mapped_from", None) is not None
+    try:
+        if place == "device":
+            kept = images.to(device)
+            return kept.clone() if kept is images and mapped else kept
+        if place == "host":
+            return images.clone() if mapped else images
+        return images if mapped else spill_to_disk(images)
+    except (RuntimeError, OSError) as error:  # out of device or host memory, or of disk space
+        raise DataError(f"--data-on {place}: the {size_text(images.numel())} data set does not fit there "
+                        f"({reason(error)}); try --data-on auto or disk") from None
+
+
+def spill_to_disk(images):
+    """A set decoded in memory, moved to a temporary file and mapped from there (--data-on disk)."""
+    with tempfile.NamedTemporaryFile(prefix="decoded-", suffix=".u8", delete=False) as file:
+        try:
+            for start in range(0, len(images), DECODE_CHUNK):
+                file.write(images[start:start + DECODE_CHUNK].contiguous().numpy().data)
+        except OSError:
+            os.unlink(file.name)
+            raise
+    try:
+        mapped = torch.from_file(file.name, shared=False, size=images.numel(), dtype=torch.uint8).view(images.shape)
+    finally:
+        os.unlink(file.name)  # the mapping keeps the data until the run ends
+    mapped.mapped_from = "a temporary file"
+    return mapped
+
+
+class Batches:
+    """Endless minibatches of a uint8 image tensor, each turned into the model's input by `scale` on `device`
+    (with `labels`, pairs (x, y)).
+
+    Each epoch visits the data in a new random order, drawn from a generator seeded by (seed, epoch), so a
+    resumed run draws exactly the batches the uninterrupted run would have. The incomplete last batch of an
+    epoch is dropped. `data_on` says where the uint8 set is kept (choose_place): on the device, where each
+    batch is gathered; or in host memory or mapped from a file on disk, where each batch is gathered on the
+    host in the same order and copied to the device one batch ahead (from pinned memory on a side stream,
+    with CUDA). Every place gives the same batches; `placement` says which was chosen and why.
+    """
+
+    def __init__(self, images, batch_size, device, seed, scale, data_on="device", labels=None):
+        if not 0 < batch_size <= len(images):
+            raise DataError(f"--batch-size {batch_size} must be between 1 and the data set's {len(images)} images")
+        self.device = torch.device(device)
+        self.place, why = choose_place(images.numel(), data_on, self.device)
+        self.images = keep(images, self.place, self.device)
+        self.labels = None if labels is None else labels.to(self.device)
+        where = {"device": f"on {self.device}", "host": "in host memory",
+                 "disk": f"mapped from {getattr(self.images, 'mapped_from', None)}"}[self.place]
+        ahead = "" if self.place == "device" else f", copied to {self.device} a batch ahead"
+        self.placement = f"{where}{ahead} ({why})"
+        self.batch_size, self.seed, self.scale = batch_size, seed, scale
+        self.per_epoch = len(images) // batch_size
+        self.epoch, self.index = 0, 0
+        self.orders = {}
+        self.fetcher, self.ahead = None, None
+
+    def __next__(self):
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        position = (self.epoch, self.index)
+        self.index += 1
+        picked = self.picked(*position)
+        x = self.scale(self.images[picked] if self.place == "device" else self.fetched(position))
+        return x if self.labels is None else (x, self.labels[picked.to(self.device)])
+
+    def picked(self, epoch, index):
+        """The indices of batch `index` of `epoch`: a slice of that epoch's permutation."""
+        if epoch not in self.orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.images), generator=generator).to(self.images.device)
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = order
+        return self.orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
+
+    def fetched(self, position):
+        """Batch `position` from host memory or disk, on the device; the batch after it is set going."""
+        if self.fetcher is None:
+            self.fetcher = Fetcher(self.images, self.batch_size, self.device)
+        if self.ahead is not None and self.ahead[0] == position:
+            batch = self.fetcher.arrived(self.ahead[1])
+        else:
+            batch = self.fetcher.arrived(self.fetcher.start(self.picked(*position)))
+        epoch, index = position
+        following = (epoch, index + 1) if index + 1 < self.per_epoch else (epoch + 1, 0)
+        self.ahead = following, self.fetcher.start(self.picked(*following))
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        if self.ahead is not None:
+            self.fetcher.arrived(self.ahead[1])  # let the batch on its way land before it is dropped
+            self.ahead = None
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class Fetcher:
+    """Gathers batches of a host (or memory-mapped) uint8 tensor in a background thread, into two buffers taken
+    in turn, and copies each to the device: from pinned memory on a side stream with CUDA, so that the copy
+    overlaps the training step."""
+
+    def __init__(self, images, batch_size, device):
+        self.images, self.device = images, device
+        cuda = device.type == "cuda"
+        self.buffers = [torch.empty((batch_size, *images.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
+                        for _ in range(2)]
+        self.copies = [None, None]  # CUDA events: the last copy out of each buffer has finished
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.turn = 0
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+
+    def start(self, picked):
+        self.turn = 1 - self.turn
+        return self.thread.submit(self.gather, picked, self.turn)
+
+    def gather(self, picked, slot):
+        buffer = self.buffers[slot]
+        if self.copies[slot] is not None:
+            self.copies[slot].synchronize()
+        torch.index_select(self.images, 0, picked, out=buffer)
+        if self.stream is None:
+            return buffer, None
+        with torch.cuda.stream(self.stream):
+            batch = buffer.to(self.device, non_blocking=True)
+            self.copies[slot] = torch.cuda.Event()
+            self.copies[slot].record()
+        return batch, self.copies[slot]
+
+    def arrived(self, future):
+        batch, copied = future.result()
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)  # the training step waits for the copy on the device, not on the host
+            batch.record_stream(stream)
+        return batch
