@@ -102,7 +102,9 @@ def build_parser():
     p = support.FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="training data; the paper used LSUN, faces and ImageNet, this default downloads by itself")
-    support.add_image_data_flags(p, LSUN_CLASSES)
+    p.add_argument("--lsun-classes", nargs="+", default=list(LSUN_CLASSES), metavar="SET",
+                   help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun; §4.1: the LSUN bedrooms")
+    support.add_image_data_flags(p)
     p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="Fig. 1: 64x64")
     p.add_argument("--batch-size", type=int, default=128, help="§4: mini-batch size of 128")
     p.add_argument("--lr", type=float, default=2e-4, help="§4: Adam learning rate 0.0002")

@@ -11,15 +11,15 @@ each input to its output on its own. The critic here has no normalisation at all
 uses none in its WGAN-GP critic (the paper's layer-norm recommendation is for critics that
 would otherwise have batch norm, as in its §5.2 LSUN models).
 """
-import argparse
-import errno
 import math
-import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
+
+import support
+
+FOLDER = "WGAN-GP"  # the name checkpoints carry; support.py reads only this folder's
 
 Z_DIM = 128  # official code: gan_cifar.py, tf.random_normal([n_samples, 128])
 WIDTH = 128  # official code: gan_cifar.py, DIM = 128
@@ -140,144 +140,17 @@ def sample(G, z):
     return images
 
 
-# >>> copied: files and errors >>>
-FOLDER = "WGAN-GP"  # per-folder
-FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
-
-
-def fail(message, code=2):
-    """A one-line error and exit code 2, for a problem the user can fix (code 1: a training run diverged)."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse with a bad flag reported in one line, without the usage block; the message names the flag."""
-
-    def error(self, message):
-        fail(message)
-
-
-class CheckpointError(Exception):
-    """A file that is not a usable checkpoint of this folder; train.py and model.py print it and exit with 2."""
-
-
-def checkpoint_path(path, which="last"):
-    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt or best.pt (the best by the
-    folder's metric), or with which="auto" best.pt when the run kept one, else last.pt."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    if which == "auto":
-        which = "best" if (path / "checkpoints" / "best.pt").is_file() else "last"
-    return path / "checkpoints" / f"{which}.pt"
-
-
-def read_checkpoint(path):
-    """A checkpoint written by this folder's train.py, loaded on the CPU; anything else raises CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated, random bytes, not a torch file, unreadable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("folder"), str):
-        raise CheckpointError(f"{path} is not a checkpoint written by a train.py of this collection")
-    if checkpoint["folder"] != FOLDER:
-        raise CheckpointError(f"{path} was written by {checkpoint['folder']}/train.py, not by {FOLDER}/train.py")
-    if checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')}; this {FOLDER}/train.py "
-                              f"reads format {FORMAT}")
-    return checkpoint
-
-
-def check_output(parser, out, single):
-    """model.py's --out: a new file for the grid, or a new or empty folder for --single; nothing is overwritten
-    and nothing is created before every input is known to be good."""
-    out = Path(out)
-    if single and out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        parser.error(f"--out {out} exists and is not an empty folder; --single needs a new or empty folder")
-    if not single and out.exists():
-        parser.error(f"--out {out} already exists; choose a new file name for the grid")
-    parent = next(p for p in out.parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: {parent} is not a writable folder")
-
-
-def add_sampling_flags(parser, num_help):
-    """model.py's flags, the same in every folder."""
-    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
-    parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"),
-                        help="in a run folder: best.pt (the best checkpoint by the folder's metric, when train.py "
-                             "kept one), last.pt, or auto: best.pt when the run kept one, else last.pt")
-    parser.add_argument("--num", type=int, default=None, help=num_help)
-    parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
-    parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
-    parser.add_argument("--seed", type=int, default=0, help="seed for z (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-
-
-def read_sampling_flags(parser, argv):
-    """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
-    args = parser.parse_args(argv)
-    if args.num is not None and args.num < 1:
-        parser.error(f"--num must be at least 1, got {args.num}")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}, but no CUDA GPU is visible; use --device cpu")
-    check_output(parser, args.out, args.single)
-    try:
-        checkpoint = read_checkpoint(checkpoint_path(args.run, args.checkpoint))
-    except CheckpointError as error:
-        parser.error(str(error))
-    return args, checkpoint
-
-
-def write_images(images, out, single, nrow, names=None):
-    """The grid as one PNG file, or with `single` one PNG file per image (00000.png, ... unless `names` are
-    given); a failed write is one line."""
-    import torchvision.utils as vutils
-
-    out = Path(out)
-    try:
-        if single:
-            out.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images):
-                vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            vutils.save_image(images, out, nrow=nrow, padding=2)
-    except OSError as error:
-        fail(f"cannot write {out}: {'the disk is full' if error.errno == errno.ENOSPC else error.strerror or error}")
-# <<< copied: files and errors <<<
-
-def load_generator(checkpoint, device="cpu"):
-    """The generator of a checkpoint (as read_checkpoint returns it), in eval mode on `device`."""
-    args = checkpoint["args"]
-    G = Generator(args["image_size"], args["channels"], args["z_dim"], args["width"])
-    G.load_state_dict(checkpoint["G"])
-    return G.to(device).eval()
-
-
 def main(argv=None):
-    parser = FlagParser(description="Sample images from a WGAN-GP checkpoint.")
-    add_sampling_flags(parser, num_help="how many images (default: 64)")
-    args, checkpoint = read_sampling_flags(parser, argv)
+    parser = support.sampling_parser("Sample images from a WGAN-GP checkpoint.",
+                                     num_help="how many images (default: 64)")
+    args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
     num = args.num or 64
-    try:
-        G = load_generator(checkpoint, args.device)
-    except (KeyError, RuntimeError) as error:  # weights of other networks
-        parser.error(f"{args.run}: the checkpoint's G does not fit WGAN-GP's generator "
-                     f"({str(error).strip().splitlines()[0]})")
-
+    run = checkpoint["args"]
+    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
+    support.load_weights(parser, G, checkpoint["G"], args.run)
     torch.manual_seed(args.seed)
-    images = sample(G, sample_z(num, checkpoint["args"]["z_dim"], args.device)).add(1).div(2)
-    write_images(images, args.out, args.single, nrow=int(math.ceil(math.sqrt(num))))
+    images = sample(G.to(args.device), sample_z(num, run["z_dim"], args.device)).add(1).div(2)
+    support.write_images(images, args.out, args.single, nrow=math.ceil(math.sqrt(num)))
     print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
 
 

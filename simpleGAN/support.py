@@ -95,17 +95,22 @@ def require_positive(parser, args, *names):
             parser.error(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
 
 
-def add_run_flags(p, sample_every=500, log_every=50, checkpoint_every=500):
-    """The flags of a training run that every folder shares; the paper's own flags come before them."""
+def add_run_flags(p, sample_every=500, log_every=50, checkpoint_every=500, sources=None):
+    """The flags of a training run that every folder shares; the paper's own flags come before them. `sources`
+    names where a folder's interval defaults come from ({"log_every": "official code: every 100"}), in their help."""
+    cited = {name: f" ({source})" for name, source in (sources or {}).items()}
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
     add_speed_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--out", default=None, help="run folder (default: runs/<date-time>)")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
-    p.add_argument("--sample-every", type=int, default=sample_every, help="steps between fixed-noise sample grids")
-    p.add_argument("--log-every", type=int, default=log_every, help="steps between scalar logs")
-    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, default=sample_every,
+                   help="steps between fixed-noise sample grids" + cited.get("sample_every", ""))
+    p.add_argument("--log-every", type=int, default=log_every,
+                   help="steps between scalar logs" + cited.get("log_every", ""))
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help="steps between checkpoints" + cited.get("checkpoint_every", ""))
 
 
 @contextlib.contextmanager
@@ -226,7 +231,7 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
                          if key not in allowed | {"resume", "evaluate"} and value != checkpoint["args"].get(key))
         if changed:
             parser.error(f"{name} uses the run's own configuration; {', '.join(changed)} cannot change (allowed: "
-                         f"{', '.join(flag(key) for key in sorted(allowed))})")
+                         f"{', '.join(flag(key) for key in sorted(allowed & set(vars(args))))})")
         args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
                                      "evaluate": evaluate, "out": str(run_folder(path))})
     check_run_flags(parser, args)
@@ -986,12 +991,9 @@ SAVE_EVERY = 16  # chunks between progress records, from which an interrupted de
 ROOMY = 0.5  # --data-on auto: the set fits where it takes at most half of the free memory
 
 
-def add_image_data_flags(p, lsun_classes):
-    """--data-root and the flags of decoding and placement; `lsun_classes` the paper's LSUN sets (or none)."""
+def add_image_data_flags(p):
+    """--data-root and the flags of decoding and placement (a folder with LSUN adds its own --lsun-classes)."""
     p.add_argument("--data-root", default=str(DATA_ROOT), help="where data sets live (../data)")
-    if lsun_classes:
-        p.add_argument("--lsun-classes", nargs="+", default=list(lsun_classes), metavar="SET",
-                       help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun (CATEGORY_train or CATEGORY_val)")
     p.add_argument("--data-on", default="auto", choices=("auto", "device", "host", "disk"),
                    help="where the decoded uint8 set is kept: auto = the device when it fits in half its free "
                         "memory, else host memory, else a memory-mapped file; the batches are the same")

@@ -2,14 +2,15 @@
 
 For each folder at its paper configuration (each train.py's own defaults, or the sizes given
 here), one generator iteration is timed after a warm-up: all of its D or critic steps and its
-G step, through the folder's own step functions (train.py), networks (model.py) and batches
-(dataset.py's Batches, the data kept on the device). Reported per configuration: the median
-and spread of milliseconds per iteration, real images drawn per second, the share of the time
-spent getting batches, peak memory and the matrix-product FLOP rate.
+G step, as the folder's own train.main runs them (its step functions, networks and batches,
+the data kept where --data-on auto puts it; WGAN's steady state, without the official code's
+warm-up of the critic). Reported per configuration: the median and spread of milliseconds per
+iteration, real images drawn per second, the share of the time spent getting batches, peak
+memory and the matrix-product FLOP rate.
 
 DCGAN also runs fed the way pytorch/examples' dcgan feeds its networks (a torchvision data set
-of PIL images, Resize/CenterCrop/ToTensor/Normalize, a DataLoader with worker processes), in the
-same run, and the ratio of the two feeds is printed.
+of PIL images, Resize/CenterCrop/ToTensor/Normalize, a DataLoader with worker processes) in
+place of its batches, and the ratio of the two feeds is printed.
 
 Every configuration runs in a fresh Python process, one after the other: compilation caches,
 threads and peak memory belong to that configuration alone.
@@ -19,12 +20,15 @@ threads and peak memory belong to that configuration alone.
     python tests/benchmark.py --device cpu --threads 2 --width 16 --image-size 32 --batch-size 64
 """
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +42,8 @@ FOLDERS = ("simpleGAN", "CGAN", "DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
 MLP_FOLDERS = ("simpleGAN", "CGAN")  # 28x28 MNIST MLPs: --image-size, --width and channels_last do not apply
 SYNTHETIC_SIZE = 50_000  # images in a synthetic data set: as many as CIFAR-10's and MNIST's training splits
 EXAMPLES_WORKERS = 2  # pytorch/examples dcgan: --workers default 2
+# The steady state of a run: WGAN without the official code's critic warm-up, CGAN without the Parzen selection.
+STEADY_STATE = {"WGAN": ["--no-critic-warmup"], "CGAN": ["--select-every", 0]}
 
 
 def build_parser():
@@ -52,9 +58,9 @@ def build_parser():
     p.add_argument("--width", type=int, default=None,
                    help="--width of the convolutional folders, smaller networks for a CPU (None: each folder's own)")
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
-                   help="precisions to compare (train.py --precision); folders without the flag run fp32 only")
+                   help="precisions to compare (train.py --precision)")
     p.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"),
-                   help="without and/or with train.py --compile; folders without the flag run without only")
+                   help="without and/or with train.py --compile")
     p.add_argument("--memory-format", nargs="+", default=["contiguous"], choices=("contiguous", "channels_last"),
                    help="memory formats of the convolutional networks' weights (and so of their activations)")
     p.add_argument("--iters", type=int, default=20, help="timed generator iterations per configuration and round")
@@ -115,11 +121,6 @@ def peak_tflops(values):
     return peak
 
 
-def has_speed_flags(folder):
-    """Whether the folder's train.py offers --precision and --compile (through its speed_up function)."""
-    return "\ndef speed_up(" in (ROOT / folder / "train.py").read_text()
-
-
 def configurations(args):
     """Every configuration to measure, in the order they run; the first of each folder is its reference."""
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
@@ -127,12 +128,9 @@ def configurations(args):
     for folder in args.folders:
         feeds = ["batches", "dataloader"] if folder == "DCGAN" and args.baseline else ["batches"]
         formats = ["contiguous"] if folder in MLP_FOLDERS else args.memory_format
-        speed = has_speed_flags(folder)
-        precisions = args.precision if speed else ["fp32"]
-        compiles = args.compile if speed else ["off"]
         for feed in feeds:
-            for precision in precisions:
-                for compile in compiles:
+            for precision in args.precision:
+                for compile in args.compile:
                     for memory_format in formats:
                         yield {"folder": folder, "feed": feed, "precision": precision, "compile": compile == "on",
                                "memory_format": memory_format, "device": device, "batch_size": args.batch_size,
@@ -145,224 +143,62 @@ def configurations(args):
 # One configuration, measured in this process (the child side of --worker)
 # ---------------------------------------------------------------------------------------------
 
-class Setup:
-    """A folder's networks, optimisers and one generator iteration, fed by `fetch()`."""
+class Timed:
+    """The batches a train.py draws from, with the time spent drawing them."""
 
-    def __init__(self, networks, iteration, batches_per_iteration, batch_size, data_bytes):
-        self.networks, self.iteration = networks, iteration
-        self.batches_per_iteration, self.batch_size, self.data_bytes = batches_per_iteration, batch_size, data_bytes
+    def __init__(self, batches, clock):
+        self.batches, self.clock = batches, clock
 
+    def __next__(self):
+        self.clock.fetching_started()
+        started = time.perf_counter()
+        batch = next(self.batches)
+        self.clock.fetch_seconds += time.perf_counter() - started
+        self.clock.fetches += 1
+        return batch
 
-def folder_args(folder, modules, config):
-    """The folder's own train.py configuration (its paper defaults), with the benchmark's sizes."""
-    argv = ["--device", config["device"]]
-    if config["batch_size"]:
-        argv += ["--batch-size", config["batch_size"]]
-    if folder not in MLP_FOLDERS:
-        for flag in ("image_size", "width"):
-            if config[flag]:
-                argv += [f"--{flag.replace('_', '-')}", config[flag]]
-    args, _ = modules.train.parse_args([str(a) for a in argv])
-    return args
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
 
 
-def synthetic_images(count, channels, size):
-    return torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0))
+class Clock:
+    """The ends of the generator iterations of a training run, and what happened in the timed ones: from the
+    end of the `untimed`-th iteration on. Iteration 1's FLOPs are counted (eagerly: not with --compile)."""
 
+    def __init__(self, device, untimed, count_flops):
+        self.device, self.untimed, self.counter = device, untimed, None
+        self.iterations, self.ends, self.started, self.fetch_seconds, self.fetches = 0, [], None, 0.0, 0
+        self.flops, self.count_flops = None, count_flops
+        self.memory_before, self.windowed = None, False
 
-def folder_batches(folder, modules, args, config, device):
-    """The folder's Batches on the device over its default data set as its dataset.py decodes it, or over
-    random images of the same shape; also the images and which of the two they are."""
-    ds = modules.dataset
-    generator = torch.Generator().manual_seed(0)
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    def real():
-        if folder == "CGAN":  # images and labels, the training split
-            images, labels = ds.load_labelled(args.dataset, config["data_root"], args.image_size, download=False)
-            return ds.split_validation(images, labels, args.valid_size)[0]
-        if folder == "simpleGAN":
-            return (ds.load_images(args.dataset, config["data_root"], "train", download=False),)
-        return (ds.load_images(args.dataset, config["data_root"], args.image_size, download=False),)
+    def fetching_started(self):
+        if self.started is None:  # iteration 1 begins with its first batch
+            self.started = time.perf_counter()
+            if self.count_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+                self.counter = FlopCounterMode(display=False)
+                self.counter.mod_tracker = TotalOnly()
+                self.counter.__enter__()
 
-    def synthetic():
-        if folder == "CGAN":
-            return (synthetic_images(SYNTHETIC_SIZE, 1, args.image_size),
-                    torch.randint(0, modules.model.CLASSES, (SYNTHETIC_SIZE,), generator=generator))
-        if folder == "simpleGAN":
-            return (synthetic_images(SYNTHETIC_SIZE, 1, ds.IMAGE_SIZE),)
-        return (synthetic_images(SYNTHETIC_SIZE, ds.CHANNELS[args.dataset], args.image_size),)
-
-    data, kind = None, "synthetic"
-    if config["data"] != "synthetic":
-        try:
-            data, kind = real(), "real"
-        except ds.DataError:
-            if config["data"] == "real":
-                raise
-    if data is None:
-        data = synthetic()
-    return ds.Batches(*data, args.batch_size, device, args.seed), data[0], kind
-
-
-def to_memory_format(networks, memory_format):
-    if memory_format == "channels_last":
-        for net in networks:
-            net.to(memory_format=torch.channels_last)
-
-
-def convolutional_setup(folder, modules, args, config, device, fetch):
-    """A convolutional folder's networks, optimisers and generator iteration, as its train.py main() has them."""
-    model, train = modules.model, modules.train
-    channels = modules.dataset.CHANNELS[args.dataset]
-    Critic = getattr(model, "Critic", None) or model.Discriminator
-    G = model.Generator(args.image_size, channels, args.z_dim, args.width).to(device)
-    D = Critic(args.image_size, channels, args.width).to(device)
-    if folder != "SN-DCGAN":  # SN-DCGAN's networks initialise themselves
-        G.apply(model.init_weights)
-        D.apply(model.init_weights)
-    to_memory_format((G, D), config["memory_format"])
-    if folder == "WGAN":
-        opt_G, opt_D = train.rmsprop(G.parameters(), args.lr), train.rmsprop(D.parameters(), args.lr)
-    else:
-        decay = {"weight_decay": args.weight_decay} if folder == "DCGAN" else {}
-        opt_G = torch.optim.Adam(G.parameters(), args.lr, (args.beta1, args.beta2), **decay)
-        opt_D = torch.optim.Adam(D.parameters(), args.lr, (args.beta1, args.beta2), **decay)
-
-    def z(n):
-        return model.sample_z(n, args.z_dim, device)
-
-    # D's (or the critic's) updates per generator iteration, and their extra arguments, as in each main()
-    if folder == "DCGAN":
-        n_d, d_extra, g_extra, d_step = 1, (), (), train.discriminator_step
-    elif folder == "LSGAN":
-        coding = train.CODINGS[args.coding]
-        n_d, d_extra, g_extra, d_step = 1, (coding,), (coding,), train.discriminator_step
-    elif folder == "SN-DCGAN":
-        n_d, d_extra, g_extra, d_step = args.n_dis, (args.loss,), (args.loss,), train.discriminator_step
-    elif folder == "WGAN":  # the steady state: n_critic, not the official code's 100-iteration warm-up phases
-        n_d, d_extra, g_extra, d_step = args.n_critic, (args.clip,), (), train.critic_step
-    else:  # WGAN-GP
-        n_d, d_extra, g_extra, d_step = args.n_critic, (args.lambda_gp,), (), train.critic_step
-
-    def iteration():
-        for _ in range(n_d):
-            x = fetch()
-            d_step(G, D, opt_D, x, z(len(x)), *d_extra)
-        train.generator_step(G, D, opt_G, z(args.batch_size), *g_extra)
-
-    return {"G": G, "D": D}, iteration, n_d
-
-
-def simplegan_setup(modules, args, config, device, fetch, images):
-    model, train = modules.model, modules.train
-    G = model.Generator(args.z_dim, args.g_width).to(device)
-    D = model.Discriminator(args.d_width).to(device)
-    model.init_generator(G, modules.dataset.pixel_means(images).to(device))
-    model.init_discriminator(D)
-    opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
-    opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
-
-    def iteration():
-        for _ in range(args.k):
-            x = fetch()
-            train.discriminator_step(G, D, opt_D, x, model.sample_z(len(x), args.z_dim, device))
-        train.generator_step(G, D, opt_G, model.sample_z(args.batch_size, args.z_dim, device))
-
-    return {"G": G, "D": D}, iteration, args.k
-
-
-def cgan_setup(modules, args, config, device, fetch, images):
-    model, train = modules.model, modules.train
-    G = model.Generator(args.z_dim, model.CLASSES, args.image_size, args.dropout).to(device)
-    D = model.Discriminator(model.CLASSES, args.image_size, args.dropout).to(device)
-    model.init_weights(G, model.G_IRANGE)
-    model.init_weights(D, model.D_IRANGE)
-    model.init_output_bias(G, modules.dataset.to_unit(images).mean(0).to(device))
-    opt_G = torch.optim.SGD(G.parameters(), args.lr, momentum=args.momentum)
-    opt_D = torch.optim.SGD(D.parameters(), args.lr, momentum=args.momentum)
-
-    def iteration():
-        x, y = fetch()
-        z = model.sample_z(len(x), args.z_dim, device)
-        train.discriminator_step(G, D, opt_D, x, y, z)
-        train.generator_step(G, D, opt_G, model.sample_z(len(x), args.z_dim, device), y)
-
-    return {"G": G, "D": D}, iteration, 1
-
-
-def examples_dataloader(args, config, channels):
-    """DCGAN's data fed as pytorch/examples' dcgan feeds it: a torchvision data set of PIL images with
-    Resize, CenterCrop, ToTensor and Normalize to [-1, 1], in a shuffling DataLoader with worker processes.
-
-    Real CIFAR-10 when it is under --data-root (torchvision's CIFAR10 class), else random 32x32 images handed
-    out as CIFAR10 hands out its own: a PIL image made from a uint8 array per item.
-    """
-    import numpy as np
-    import torchvision
-    from PIL import Image
-    from torchvision import transforms
-
-    half = (0.5,) * channels
-    transform = transforms.Compose([transforms.Resize(args.image_size), transforms.CenterCrop(args.image_size),
-                                    transforms.ToTensor(), transforms.Normalize(half, half)])
-
-    class PILImages(torchvision.datasets.VisionDataset):
-        def __init__(self, data):
-            super().__init__(root=None, transform=transform)
-            self.data = data
-
-        def __len__(self):
-            return len(self.data)
-
-        def __getitem__(self, index):
-            return self.transform(Image.fromarray(self.data[index])), 0
-
-    dataset, kind = None, "synthetic"
-    if config["data"] != "synthetic" and args.dataset == "cifar10":
-        try:
-            dataset, kind = torchvision.datasets.CIFAR10(config["data_root"], train=True, transform=transform), "real"
-        except RuntimeError:  # not there
-            if config["data"] == "real":
-                raise
-    if dataset is None:
-        images = synthetic_images(SYNTHETIC_SIZE, channels, 32).permute(0, 2, 3, 1).numpy()
-        dataset = PILImages(images if channels == 3 else np.ascontiguousarray(images[..., 0]))
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                       num_workers=config["workers"]), kind
-
-
-def build(config, device, fetch_timer):
-    """The Setup of one configuration, and what its data is."""
-    folder = config["folder"]
-    modules = load_folder(folder)
-    args = folder_args(folder, modules, config)
-    torch.manual_seed(0)
-
-    if config["feed"] == "batches":
-        batches, images, kind = folder_batches(folder, modules, args, config, device)
-    else:
-        loader, kind = examples_dataloader(args, config, modules.dataset.CHANNELS[args.dataset])
-        batches, images = examples_batches(loader, device), None
-
-    fetch = fetch_timer(lambda: next(batches))
-    if folder == "simpleGAN":
-        networks, iteration, n_d = simplegan_setup(modules, args, config, device, fetch, images)
-    elif folder == "CGAN":
-        networks, iteration, n_d = cgan_setup(modules, args, config, device, fetch, images)
-    else:
-        networks, iteration, n_d = convolutional_setup(folder, modules, args, config, device, fetch)
-    data_bytes = batches.images.nbytes if hasattr(batches, "images") else 0
-    sizes = {"batch_size": args.batch_size, "image_size": getattr(args, "image_size", None),
-             "width": getattr(args, "width", None), "dataset": args.dataset, "data_kind": kind}
-    return modules, Setup(networks, iteration, n_d, args.batch_size, data_bytes), sizes
-
-
-def examples_batches(loader, device):
-    """pytorch/examples dcgan's loop: `for i, data in enumerate(dataloader)`, every epoch anew; data[0].to(device)."""
-    while True:
-        for data in loader:
-            yield data[0].to(device)
+    def iteration_ended(self):
+        self.sync()
+        self.iterations += 1
+        self.ends.append(time.perf_counter())
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.flops, self.counter = self.counter.get_total_flops(), None
+        if self.iterations == self.untimed:  # the timed window opens
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.windowed = self.device.type != "cuda" and peak_rss_reset()
+            self.memory_before = torch.cuda.memory_allocated(self.device) / 2 ** 20 if self.device.type == "cuda" \
+                else proc_status_mb("VmRSS")
+            self.fetch_seconds, self.fetches = 0.0, 0
+            self.ends = [self.ends[-1]]
 
 
 class TotalOnly:
@@ -377,15 +213,163 @@ class TotalOnly:
         return False
 
 
-def count_flops(iteration):
-    """FLOPs of one iteration (matrix products and convolutions, backward included, as FlopCounterMode counts
-    them), run eagerly in float32 before --precision and --compile apply: they leave the arithmetic the same."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = TotalOnly()
-    with counter:
-        iteration()
-    return counter.get_total_flops()
+def offline_readers(support, config, kinds):
+    """support's readers of MNIST and of the other data sets, downloading nothing; where the data set is not under
+    --data-root (or with --data synthetic), random uint8 images of its shape and number."""
+    generator = torch.Generator().manual_seed(0)
+
+    def synthetic(shape):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+    def offline(read, random_data):
+        signature = inspect.signature(read)
+
+        def reader(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            bound.arguments["download"] = False
+            if config["data"] != "synthetic":
+                try:
+                    data = read(*bound.args, **bound.kwargs)
+                    kinds.add("real")
+                    return data
+                except support.DataError:
+                    if config["data"] == "real":
+                        raise
+            kinds.add("synthetic")
+            return random_data(bound.arguments)
+        return reader
+
+    support.read_mnist = offline(support.read_mnist, lambda a: (
+        synthetic((SYNTHETIC_SIZE, 28, 28)), torch.randint(0, 10, (SYNTHETIC_SIZE,), generator=generator)))
+    support.load_images = offline(support.load_images, lambda a: synthetic(
+        (SYNTHETIC_SIZE, support.CHANNELS[a["name"]], a["image_size"], a["image_size"])))
+
+
+def examples_feed(images, batch_size, device, config):
+    """DCGAN's data fed as pytorch/examples' dcgan feeds it, in place of Batches: a torchvision data set of PIL
+    images with Resize, CenterCrop, ToTensor and Normalize to [-1, 1], in a shuffling DataLoader with worker
+    processes, `for i, data in enumerate(dataloader)` every epoch, data[0].to(device). Real CIFAR-10 when it is
+    under --data-root (torchvision's CIFAR10 class), else random 32x32 images handed out as CIFAR10 hands out
+    its own: a PIL image made from a uint8 array per item."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    channels, size = images.shape[1], images.shape[-1]
+    half = (0.5,) * channels
+    transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                                    transforms.Normalize(half, half)])
+
+    class PILImages(torchvision.datasets.VisionDataset):
+        def __init__(self, data):
+            super().__init__(root=None, transform=transform)
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, index):
+            return self.transform(Image.fromarray(self.data[index])), 0
+
+    dataset = None
+    if channels == 3 and config["data"] != "synthetic":
+        try:
+            dataset = torchvision.datasets.CIFAR10(config["data_root"], train=True, transform=transform)
+        except RuntimeError:  # not there
+            if config["data"] == "real":
+                raise
+    if dataset is None:
+        pixels = torch.randint(0, 256, (SYNTHETIC_SIZE, 32, 32, channels), dtype=torch.uint8).numpy()
+        dataset = PILImages(pixels if channels == 3 else np.ascontiguousarray(pixels[..., 0]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=config["workers"])
+
+    def each_epoch():
+        while True:
+            for data in loader:
+                yield data[0].to(device)
+
+    class Feed:
+        """What train.py and support.Run read of their batches."""
+        per_epoch, placement, batches = len(loader), f"a DataLoader with {config['workers']} workers", each_epoch()
+
+        def __next__(self):
+            return next(self.batches)
+
+        def state_dict(self):
+            return {}
+
+    return Feed()
+
+
+def measure(config):
+    """Time one configuration: the folder's own train.main, run for 1 + warmup + iters generator iterations with
+    its generator step and its batches timed from outside. Iteration 1 (eager FLOPs counted) and the warm-up
+    iterations (compilation, cuDNN's kernel choice) are not timed."""
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    folder, device = config["folder"], torch.device(config["device"])
+    gan = load_folder(folder)
+    clock = Clock(device, 1 + config["warmup"], count_flops=not config["compile"])
+    kinds = set()
+    offline_readers(gan.support, config, kinds)
+    real_step, real_batches = gan.train.generator_step, gan.train.batches
+
+    def generator_step(*args):
+        loss = real_step(*args)
+        clock.iteration_ended()
+        return loss
+
+    made = []
+
+    def batches(*args, **kwargs):
+        feed = examples_feed(args[0], args[1], device, config) if config["feed"] == "dataloader" else \
+            real_batches(*args, **kwargs)
+        made.append(Timed(feed, clock))
+        return made[-1]
+
+    gan.train.generator_step, gan.train.batches = generator_step, batches
+    sizes = [] if folder in MLP_FOLDERS else [
+        part for name in ("image_size", "width") if config[name] for part in (f"--{name.replace('_', '-')}",
+                                                                               config[name])]
+    never = 10 ** 9  # no grid, scalar log or checkpoint inside the timed iterations
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--device", config["device"], "--data-root", config["data_root"], "--out", f"{out}/run",
+                "--max-steps", 1 + config["warmup"] + config["iters"], "--sample-every", never, "--log-every", never,
+                "--checkpoint-every", never, "--precision", config["precision"],
+                "--compile" if config["compile"] else "--no-compile",
+                "--channels-last" if config["memory_format"] == "channels_last" else "--no-channels-last",
+                *(["--batch-size", config["batch_size"]] if config["batch_size"] else []), *sizes,
+                *STEADY_STATE.get(folder, [])]
+        with contextlib.redirect_stdout(sys.stderr):  # the run's progress bar; stdout carries the result
+            code = gan.train.main([str(arg) for arg in argv])
+        if code:
+            raise RuntimeError(f"{folder}/train.py ended with exit code {code}")
+        args = json.loads(Path(out, "run", "args.json").read_text())
+    times = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+    cuda = device.type == "cuda"
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mb(clock.windowed)
+    batches_per_iteration = clock.fetches / len(times)
+    images = batches_per_iteration * args["batch_size"]
+    data = getattr(made[0].batches, "images", None) if made else None
+    return {**config, "batch_size": args["batch_size"], "image_size": args.get("image_size"),
+            "width": args.get("width"), "dataset": args["dataset"],
+            "data_kind": "synthetic" if "synthetic" in kinds or not kinds else "real",
+            "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "torch_threads": torch.get_num_threads(),
+            "ms": [t * 1000 for t in times], "median_ms": median * 1000, "p25_ms": q[0] * 1000, "p75_ms": q[2] * 1000,
+            "min_ms": min(times) * 1000, "max_ms": max(times) * 1000,
+            "warmup_s": clock.ends[0] - clock.started,
+            "batches_per_iteration": batches_per_iteration, "images_per_iteration": images,
+            "images_per_s": images / median, "data_share": clock.fetch_seconds / sum(times),
+            "peak_memory_mb": peak_mb, "peak_memory_kind": "CUDA max allocated" if cuda else
+            ("peak RSS, timed iterations" if clock.windowed else "peak RSS, whole process"),
+            "memory_before_timed_mb": clock.memory_before,
+            "data_on_device_mb": data.nbytes / 2 ** 20 if data is not None else 0.0,
+            "flops_per_iteration": clock.flops, "tflops": clock.flops / median / 1e12 if clock.flops else None}
 
 
 def peak_rss_reset():
@@ -416,76 +400,6 @@ def peak_rss_mb(windowed):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(config):
-    """Time one configuration; a dict of its numbers."""
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    device = torch.device(config["device"])
-    cuda = device.type == "cuda"
-    if cuda:  # as every train.py sets them
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    fetch_seconds = [0.0]
-
-    def fetch_timer(get):
-        def fetch():
-            started = time.perf_counter()
-            batch = get()
-            fetch_seconds[0] += time.perf_counter() - started
-            return batch
-        return fetch
-
-    modules, setup, sizes = build(config, device, fetch_timer)
-    flops = count_flops(setup.iteration)
-
-    if config["precision"] != "fp32" or config["compile"]:
-        if not hasattr(modules.train, "speed_up"):
-            raise RuntimeError(f"{config['folder']}/train.py has no --precision or --compile")
-        modules.train.speed_up(setup.networks, config["precision"], config["compile"], device)
-
-    sync()
-    started = time.perf_counter()
-    for _ in range(config["warmup"]):
-        setup.iteration()
-    sync()
-    warmup_seconds = time.perf_counter() - started
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    windowed = not cuda and peak_rss_reset()
-    memory_before = torch.cuda.memory_allocated(device) / 2 ** 20 if cuda else proc_status_mb("VmRSS")
-    fetch_seconds[0] = 0.0
-    times = []
-    for _ in range(config["iters"]):
-        started = time.perf_counter()
-        setup.iteration()
-        sync()
-        times.append(time.perf_counter() - started)
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mb(windowed)
-
-    median = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
-    images = setup.batches_per_iteration * setup.batch_size
-    return {**config, **sizes,
-            "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
-            "torch_threads": torch.get_num_threads(),
-            "ms": [t * 1000 for t in times], "median_ms": median * 1000, "p25_ms": q[0] * 1000, "p75_ms": q[2] * 1000,
-            "min_ms": min(times) * 1000, "max_ms": max(times) * 1000, "warmup_s": warmup_seconds,
-            "batches_per_iteration": setup.batches_per_iteration, "images_per_iteration": images,
-            "images_per_s": images / median, "data_share": fetch_seconds[0] / sum(times),
-            "peak_memory_mb": peak_mb, "peak_memory_kind": "CUDA max allocated" if cuda else
-            ("peak RSS, timed iterations" if windowed else "peak RSS, whole process"),
-            "memory_before_timed_mb": memory_before,
-            "data_on_device_mb": setup.data_bytes / 2 ** 20,
-            "flops_per_iteration": flops, "tflops": flops / median / 1e12}
-
-
 def pooled(runs):
     """One configuration's rounds as one result: the statistics of all their timed iterations together, and the
     spread of the rounds' medians."""
@@ -500,7 +414,18 @@ def pooled(runs):
             "images_per_s": first["images_per_iteration"] / median * 1000,
             "data_share": statistics.mean(run["data_share"] for run in runs),
             "peak_memory_mb": max(run["peak_memory_mb"] for run in runs),
-            "tflops": first["flops_per_iteration"] / median * 1000 / 1e12}
+            "tflops": first["flops_per_iteration"] / median * 1000 / 1e12 if first["flops_per_iteration"] else None}
+
+
+def with_flops(results):
+    """FLOPs are counted eagerly, so not with --compile; a compiled configuration does the arithmetic of its
+    folder's eager one."""
+    for result in results:
+        eager = next((r for r in results if r["folder"] == result["folder"] and r.get("flops_per_iteration")), None)
+        if "error" not in result and not result["flops_per_iteration"] and eager:
+            result["flops_per_iteration"] = eager["flops_per_iteration"]
+            result["tflops"] = eager["flops_per_iteration"] / result["median_ms"] * 1000 / 1e12
+    return results
 
 
 def cpu_name():
@@ -518,7 +443,7 @@ def worker(config_json):
     config = json.loads(config_json)
     try:
         result = measure(config)
-    except SystemExit as error:  # the folder's parse_args refused the sizes; its message is on stderr already
+    except SystemExit as error:  # the folder's train.py refused the sizes; its message is on stderr already
         result = {**config, "error": f"the folder's train.py refused this configuration (exit {error.code})"}
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -563,11 +488,12 @@ HEADER = (f"{'folder':<9} {'feed':<10} {'prec':<4} {'compile':<7} {'memory':<7} 
 def row(result, reference, peak):
     if "error" in result:
         return f"{label(result)} error: {result['error']}"
-    share = result["tflops"] / peak[result["precision"]] if result["precision"] in peak else None
+    tflops = result["tflops"]
+    share = tflops / peak[result["precision"]] if tflops and result["precision"] in peak else None
     speedup = reference["median_ms"] / result["median_ms"] if reference and "error" not in reference else None
     return (f"{label(result)} {result['median_ms']:9.2f} {result['p25_ms']:7.2f}-{result['p75_ms']:<7.2f} "
             f"{result['images_per_s']:9.1f} {result['data_share']:6.1%} {result['peak_memory_mb']:8.0f} "
-            f"{result['tflops']:8.3f} {f'{share:.1%}' if share is not None else '-':>6} "
+            f"{f'{tflops:.3f}' if tflops else '-':>8} {f'{share:.1%}' if share is not None else '-':>6} "
             f"{f'{speedup:.2f}x' if speedup is not None else '-':>7}")
 
 
@@ -600,9 +526,6 @@ def main(argv=None):
         return worker(args.worker)
     check_args(parser, args)
     configs = list(configurations(args))
-    for folder in args.folders:
-        if not has_speed_flags(folder):
-            print(f"{folder}/train.py has no --precision or --compile: fp32 without compile only")
     started = datetime.now()
     rounds = [[] for _ in configs]
     for round_ in range(1, args.rounds + 1):
@@ -612,7 +535,7 @@ def main(argv=None):
             print(f"error: {result['error']}" if "error" in result else
                   f"{result['median_ms']:.2f} ms/iter (warm-up {result['warmup_s']:.1f} s)", flush=True)
             rounds[i].append(result)
-    results = [pooled(runs) for runs in rounds]
+    results = with_flops([pooled(runs) for runs in rounds])
     measured = next((r for r in results if "error" not in r), {})
     print(f"\n{measured.get('device_name', args.device)}, torch {torch.__version__}, "
           f"{measured.get('torch_threads', '?')} threads; {args.rounds} x {args.iters} timed iterations, each "

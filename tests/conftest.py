@@ -5,24 +5,46 @@ Python identifiers, and every folder has its own model.py, dataset.py and train.
 Smoke runs start `python train.py` in the folder, as a user would, on the real
 MNIST under ../shared/data when it exists, else on a tiny MNIST made here.
 """
+import errno
 import functools
+import os
 import importlib.util
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
 FOLDER_MODULES = ("support", "model", "dataset", "train")
+FOLDERS = ("simpleGAN", "CGAN", "DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
+CONVOLUTIONAL = FOLDERS[2:]
+# The flags that make a folder's run tiny: small networks on MNIST, on the CPU, 2 critic iterations per generator
+# step, and WGAN's official warm-up (100 critic iterations per generator step at first) off.
+QUICK = {
+    "simpleGAN": ["--g-width", 32, "--d-width", 16, "--batch-size", 10, "--device", "cpu"],
+    "CGAN": ["--valid-size", 100, "--select-every", 0, "--batch-size", 20, "--device", "cpu"],
+    "DCGAN": ["--dataset", "mnist", "--image-size", 32, "--width", 8, "--batch-size", 8, "--device", "cpu"],
+    "WGAN": ["--dataset", "mnist", "--image-size", 32, "--width", 8, "--batch-size", 8, "--n-critic", 2,
+             "--no-critic-warmup", "--device", "cpu"],
+    "WGAN-GP": ["--dataset", "mnist", "--width", 4, "--batch-size", 8, "--n-critic", 2, "--device", "cpu"],
+    "LSGAN": ["--dataset", "mnist", "--image-size", 32, "--width", 8, "--batch-size", 8, "--device", "cpu"],
+    "SN-DCGAN": ["--dataset", "mnist", "--width", 8, "--batch-size", 8, "--device", "cpu"],
+}
+
+# The D (critic) step function of each train.py.
+D_STEP = {"simpleGAN": "discriminator_step", "CGAN": "discriminator_step", "DCGAN": "discriminator_step",
+          "WGAN": "critic_step", "WGAN-GP": "critic_step", "LSGAN": "discriminator_step",
+          "SN-DCGAN": "discriminator_step"}
 
 
 @functools.cache
@@ -51,54 +73,68 @@ def run_train(folder, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_clean_error(result, *words):
-    """Exit code 2 and a short message naming the problem, never a traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "error:" in result.stderr, result.stderr
-    for word in words:
-        assert word in result.stderr, (word, result.stderr)
+def run_main(module, *args):
+    """`module.main(ARGS)` in this process (a folder's train.py or model.py): its exit code. The SIGINT and SIGTERM
+    handlers that train.main installs are replaced by the ones before it afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return module.main([str(arg) for arg in args]) or 0
+    except SystemExit as stopped:
+        return stopped.code
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
-def sigterm_then_resume(folder, run, *args):
-    """Start `train.py ARGS --out RUN`, send SIGTERM once it has said that it started (its first line, printed
-    after the signal handlers are in place, however slow the machine), and check that it exits with
-    128 + SIGTERM leaving a checkpoint that --resume continues by one step."""
-    process = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--out", str(run)], cwd=ROOT / folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if "run folder" in line:
-            break
-    assert process.poll() is None, process.stderr.read()[-2000:]
+def exits_2(capsys, module, *args):
+    """`module.main(ARGS)` in this process ends with exit code 2 and one line on stderr (besides progress bars,
+    which redraw themselves with carriage returns), no traceback; returns that line."""
+    capsys.readouterr()
+    code, err = run_main(module, *args), capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err and len(lines) == 1 and "error: " in lines[0], err
+    return lines[0]
+
+
+def sigterm_then_resume(folder, run, *args, at_step=2, more=1):
+    """Start `train.py ARGS --sample-every 1 --out RUN`, send SIGTERM once the grid of step AT_STEP is written,
+    and check that it exits with 128 + SIGTERM leaving a checkpoint that --resume continues by MORE steps.
+    Returns the step the signal stopped it at (AT_STEP, or the next step when the signal came late in it)."""
+    process = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--sample-every", "1", "--out", str(run)],
+                               cwd=ROOT / folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "samples" / f"step_{at_step:07d}.png").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[1][-2000:]
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=600)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     step = load_checkpoint(run)["step"]
-    result = run_train(folder, "--resume", run, "--max-steps", step + 1)
-    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + 1, result.stderr[-2000:]
+    assert at_step <= step <= at_step + 1
+    result = run_train(folder, "--resume", run, "--max-steps", step + more)
+    assert result.returncode == 0 and load_checkpoint(run)["step"] == step + more, result.stderr[-2000:]
+    return step
 
 
 def main_with_poisoned_loss(train, step_function, poisoned_call, *args):
-    """Run `train.main(ARGS)` in-process with the loss returned by `train.STEP_FUNCTION` made Inf on its
-    POISONED_CALL-th call; returns the exit code. (A diverging learning rate would fail at a step that depends
-    on the data.) The signal handlers that main installs are restored afterwards."""
+    """Run `train.main(ARGS)` in-process with the loss returned by `train.STEP_FUNCTION` (alone, or first of the
+    values it returns) made Inf on its POISONED_CALL-th call; returns the exit code. (A diverging learning rate
+    would fail at a step that depends on the data.)"""
     real_step, calls = getattr(train, step_function), []
 
     def poisoned_step(*step_args):
         calls.append(1)
-        loss = real_step(*step_args)
-        return loss * float("inf") if len(calls) == poisoned_call else loss
+        result = real_step(*step_args)
+        if len(calls) != poisoned_call:
+            return result
+        return (result[0] * float("inf"), *result[1:]) if isinstance(result, tuple) else result * float("inf")
 
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     setattr(train, step_function, poisoned_step)
     try:
-        with pytest.raises(SystemExit) as stopped:
-            train.main([str(arg) for arg in args])
+        return run_main(train, *args)
     finally:
         setattr(train, step_function, real_step)
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    return stopped.value.code
 
 
 def scalar_tags(run_dir):
@@ -110,8 +146,16 @@ def scalar_tags(run_dir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def load_checkpoint(run_dir):
-    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+def load_checkpoint(run_dir, name="last.pt"):
+    return torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def assert_same_networks(a, b):
+    """Two checkpoints hold exactly the same G and D: every weight and buffer equal, bit for bit."""
+    for net in ("G", "D"):
+        assert a[net].keys() == b[net].keys(), net
+        for name, value in a[net].items():
+            assert torch.equal(value, b[net][name]), (net, name)
 
 
 def write_idx(path, array):
@@ -122,6 +166,7 @@ def write_idx(path, array):
 
 def tiny_mnist(raw, n_train=600, n_test=200):
     """Digit-like images: class k is a bright stroke whose angle depends on k, plus a little noise."""
+    raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % 10
@@ -147,17 +192,59 @@ def mnist_root(tmp_path_factory):
         for path in raw.iterdir():
             path.chmod(0o644)
     else:
-        raw.mkdir(parents=True)
         tiny_mnist(raw)
     return root
 
 
 @pytest.fixture(scope="session")
-def image_folder(tmp_path_factory):
-    """A flat folder of 40 small colour images of different sizes, as --dataset folder reads it."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        height, width = 40 + i % 7, 48 + i % 5
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+def tiny_mnist_root(tmp_path_factory):
+    """A data root with a tiny MNIST (600 training and 200 test images), always: quick to embed or to damage."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_mnist(root / "MNIST" / "raw")
     return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every download is refused at once by a proxy on a closed local port."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # an opener built earlier would not see the proxy
+
+
+class CountedWrites:
+    """A file whose writes are counted (their sizes in bytes) and whose `fail_at`-th write writes a little, then
+    raises `error`."""
+
+    def __init__(self, file, written, fail_at, error):
+        self.file, self.written, self.fail_at, self.error = file, written, fail_at, error
+
+    def write(self, chunk):
+        self.written.append(memoryview(chunk).nbytes)
+        if len(self.written) == self.fail_at:
+            self.file.write(b"partial")
+            raise self.error
+        return self.file.write(chunk)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.file.close()
+
+
+def failing_writes(monkeypatch, module, suffix, fail_at=None, error=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+    """The writes of MODULE (a folder's support) into files whose names end with SUFFIX: their sizes, and the
+    FAIL_AT-th raises ERROR (a full disk unless told)."""
+    written = []
+
+    def counted_open(path, *args, **kwargs):
+        file = open(path, *args, **kwargs)
+        return CountedWrites(file, written, fail_at, error) if str(path).endswith(suffix) else file
+    monkeypatch.setattr(module, "open", counted_open, raising=False)
+    return written

@@ -1,98 +1,86 @@
-"""The deliberate copies stay copies.
+"""The trio is the paper; support.py is the rest, one file copied into every folder.
 
-Folders share no code: what several folders need is written out in each of them, between the marker lines
-`# >>> copied: NAME >>>` and `# <<< copied: NAME <<<`. Every copy of a block must be identical to the others,
-line for line, except lines whose comment starts with `# per-folder` (a line that must differ, such as the
-folder's name). This test names the folder, file and line
-where a copy has drifted.
+support.py is edited in DCGAN/ and copied to the six other folders: the copies must stay identical, and this
+test names the first line where one has drifted. The trio (model.py, train.py, dataset.py) keeps to its line
+budget and imports nothing but the paper's libraries, support and its own modules.
 """
-import re
-from collections import defaultdict
+import ast
 
 import pytest
 
-from conftest import ROOT
+from conftest import FOLDERS, ROOT
 
-FOLDERS = ("simpleGAN", "CGAN", "DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
-CONVOLUTIONAL = FOLDERS[2:]
-START, END = re.compile(r"# >>> copied: ([\w -]+) >>>$"), re.compile(r"# <<< copied: ([\w -]+) <<<$")
-# the blocks each folder must carry: (file, block name) -> folders
-EXPECTED = {
-    ("train.py", "run management"): FOLDERS,
-    ("train.py", "speed"): FOLDERS,
-    ("train.py", "parzen"): ("simpleGAN", "CGAN"),
-    ("train.py", "sample metrics"): CONVOLUTIONAL,
-    ("model.py", "files and errors"): FOLDERS,
-    ("dataset.py", "mnist-files"): FOLDERS,
-    ("dataset.py", "image-data"): CONVOLUTIONAL,
-}
+TRIO = ("train.py", "model.py", "dataset.py")
+BUDGETS = {"train.py": 200, "model.py": 170, "dataset.py": 150}
+SUPPORT_BUDGET = 1100
+MLP_TRAIN_BUDGET = 300  # simpleGAN and CGAN keep Table 1's Parzen estimator, their paper's, in train.py
+# What the paper's code may import: the numerical libraries, support, and the folder's own modules.
+PAPER_IMPORTS = {"math", "sys", "numpy", "torch", "torchvision", "support", "model", "dataset"}
 
 
-def copied_blocks(path):
-    """{name: [(line number, text), ...]} of the copied blocks in one file, markers excluded."""
-    blocks, name = {}, None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        start, end = START.match(line.strip()), END.match(line.strip())
-        if start:
-            assert name is None, f"{path}:{number}: block {start[1]!r} opens inside block {name!r}"
-            name, blocks[start[1]] = start[1], []
-        elif end:
-            assert end[1] == name, f"{path}:{number}: block {end[1]!r} closes, but {name!r} is open"
-            name = None
-        elif name is not None:
-            blocks[name].append((number, line))
-    assert name is None, f"{path}: block {name!r} is never closed"
-    return blocks
-
-
-def all_copies():
-    """{(file, block name): {folder: lines}} over the seven folders."""
-    copies = defaultdict(dict)
-    for folder in FOLDERS:
-        for file in ("train.py", "model.py", "dataset.py"):
-            for name, lines in copied_blocks(ROOT / folder / file).items():
-                copies[(file, name)][folder] = lines
-    return copies
-
-
-def drift(reference, other):
-    """The first pair of lines that differ, per-folder lines aside, or None."""
-    for (number_a, a), (number_b, b) in zip(reference, other):
-        if a != b and not ("# per-folder" in a and "# per-folder" in b):
-            return number_a, a, number_b, b
-    if len(reference) != len(other):
-        shorter = min(len(reference), len(other))
-        (number_a, a), (number_b, b) = (reference + [(None, "<end of block>")])[shorter], \
-            (other + [(None, "<end of block>")])[shorter]
-        return number_a, a, number_b, b
+def first_difference(reference, copy):
+    """(line number, reference line, copy line) of the first line where two texts differ, or None."""
+    a, b = reference.splitlines(), copy.splitlines()
+    for number, (line_a, line_b) in enumerate(zip(a, b), 1):
+        if line_a != line_b:
+            return number, line_a, line_b
+    if len(a) != len(b):
+        end = min(len(a), len(b))
+        return end + 1, (a[end:] or ["<end of file>"])[0], (b[end:] or ["<end of file>"])[0]
     return None
 
 
-def test_every_folder_carries_its_blocks():
-    copies = all_copies()
-    for (file, name), folders in EXPECTED.items():
-        assert sorted(copies[(file, name)]) == sorted(folders), (file, name)
-    assert set(copies) == set(EXPECTED), set(copies) - set(EXPECTED)
+def test_first_difference_names_the_line():
+    assert first_difference("a\nb\nc\n", "a\nb\nc\n") is None
+    assert first_difference("a\nb\nc\n", "a\nB\nc\n") == (2, "b", "B")
+    assert first_difference("a\nb\n", "a\nb\nc\n") == (3, "<end of file>", "c")
 
 
-@pytest.mark.parametrize("file, name", sorted(EXPECTED))
-def test_the_copies_of_a_block_are_identical(file, name):
-    copies = all_copies()[(file, name)]
-    first, *others = [folder for folder in FOLDERS if folder in copies]
-    problems = []
-    for folder in others:
-        difference = drift(copies[first], copies[folder])
+def test_the_seven_support_files_are_identical():
+    reference = (ROOT / "DCGAN" / "support.py").read_text()
+    drifted = []
+    for folder in FOLDERS:
+        difference = first_difference(reference, (ROOT / folder / "support.py").read_text())
         if difference:
-            line_a, text_a, line_b, text_b = difference
-            problems.append(f"{folder}/{file}:{line_b} differs from {first}/{file}:{line_a} in block {name!r}:\n"
-                            f"  {first}: {text_a.strip()}\n  {folder}: {text_b.strip()}")
-    assert not problems, "\n".join(problems)
+            number, ours, theirs = difference
+            drifted.append(f"{folder}/support.py differs from DCGAN/support.py first at line {number}:\n"
+                           f"  DCGAN:   {ours.strip()}\n  {folder}: {theirs.strip()}")
+    assert not drifted, "\n".join(drifted) + (
+        "\nsupport.py is edited in DCGAN/ and copied: move any change made in a copy into DCGAN/support.py, then "
+        "copy DCGAN/support.py over the others (for f in simpleGAN CGAN WGAN WGAN-GP LSGAN SN-DCGAN; "
+        "do cp DCGAN/support.py $f/; done)")
 
 
-def test_drift_is_found_and_named():
-    """The comparison itself: a changed line, a missing line and a per-folder line."""
-    block = [(10, "a = 1"), (11, "b = 2  # per-folder"), (12, "c = 3")]
-    assert drift(block, [(20, "a = 1"), (21, "b = 9  # per-folder"), (22, "c = 3")]) is None
-    assert drift(block, [(20, "a = 1"), (21, "b = 2  # per-folder"), (22, "c = 4")]) == (12, "c = 3", 22, "c = 4")
-    assert drift(block, block[:2]) == (12, "c = 3", None, "<end of block>")
-    assert drift(block, [(20, "a = 1"), (21, "b = 2"), (22, "c = 3")]) is not None  # the marker is on both sides
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_copied_block_or_per_folder_line_is_left(folder):
+    left = [f"{folder}/{file}:{number}: {line.strip()}" for file in (*TRIO, "support.py")
+            for number, line in enumerate((ROOT / folder / file).read_text().splitlines(), 1)
+            if "# >>> copied:" in line or "# <<< copied:" in line or "# per-folder" in line]
+    assert not left, "\n".join(left)
+
+
+def lines(path):
+    return len(path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_trio_keeps_to_its_line_budgets(folder):
+    budgets = {**BUDGETS, **({"train.py": MLP_TRAIN_BUDGET} if folder in ("simpleGAN", "CGAN") else {})}
+    over = {file: lines(ROOT / folder / file) for file in TRIO if lines(ROOT / folder / file) > budgets[file]}
+    assert not over, f"{folder}: {over} lines, over the budgets {budgets}"
+
+
+def test_support_keeps_to_its_line_budget():
+    assert lines(ROOT / "DCGAN" / "support.py") <= SUPPORT_BUDGET
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_trio_imports_only_the_papers_libraries_and_support(folder):
+    foreign = []
+    for file in TRIO:
+        for node in ast.walk(ast.parse((ROOT / folder / file).read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            foreign += [f"{folder}/{file}:{node.lineno}: {name}" for name in names
+                        if name.split(".")[0] not in PAPER_IMPORTS]
+    assert not foreign, "what is not the paper lives in support.py:\n" + "\n".join(foreign)

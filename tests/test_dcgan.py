@@ -1,18 +1,14 @@
-"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, and train.py run as a user runs it."""
-import json
-import subprocess
-import sys
+"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, and the losses of Alg. 1 by value and gradient. What
+every folder shares (runs, resume, faults) is tested in test_common.py."""
+import math
 
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, main_with_poisoned_loss, run_train,
-                      scalar_tags, sigterm_then_resume)
+from conftest import load_folder
 
 dcgan = load_folder("DCGAN")
-QUICK = ["--image-size", 32, "--width", 8, "--device", "cpu"]
 
 
 def small_models(channels=1):
@@ -58,7 +54,7 @@ def test_every_layer_doubles_or_halves_the_size_exactly(size):
     assert downs[0][0] == size and downs[-1][1] == 4 and all(2 * o == i for i, o in downs)
 
 
-def test_no_batch_norm_on_G_output_or_D_input():
+def test_no_batch_norm_on_G_output_or_D_input_and_no_bias_anywhere():
     G, D = dcgan.model.Generator(64, 3), dcgan.model.Discriminator(64, 3)
     assert isinstance(G.net[-2], nn.ConvTranspose2d) and isinstance(G.net[-1], nn.Tanh)
     assert isinstance(D.net[0], nn.Conv2d) and isinstance(D.net[1], nn.LeakyReLU)
@@ -70,6 +66,10 @@ def test_no_batch_norm_on_G_output_or_D_input():
         normed = [i for i in convs if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d)]
         assert len(normed) == len(convs) - 1
     assert isinstance(G.project[1], nn.BatchNorm1d)
+    # official code (faces/train_uncond_dcgan.py): no layer has a bias, G's output layer and D's input and
+    # output layers included, which have no batch norm either
+    layers = [m for m in [*G.modules(), *D.modules()] if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    assert len(layers) == 10 and all(m.bias is None for m in layers)
 
 
 def test_init_statistics():
@@ -124,121 +124,73 @@ def test_z_is_uniform_on_minus_one_one():
     assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1 / 3) < 0.01
 
 
-def test_batches_visit_every_image_once_per_epoch_and_resume_exactly():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
-    batches = dcgan.dataset.Batches(images, 3, "cpu", seed=0)
-    epoch = torch.cat([next(batches) for _ in range(3)])
-    assert epoch.min() >= -1 and epoch.max() <= 1
-    values = ((epoch[:, 0, 0, 0] + 1) * 127.5).round().long()
-    assert len(set(values.tolist())) == 9  # 3 batches of 3 distinct images; the 10th is dropped
-    state = batches.state_dict()
-    expected = [next(batches) for _ in range(4)]
-    resumed = dcgan.dataset.Batches(images, 3, "cpu", seed=0)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(a, next(resumed)) for a in expected)
+def test_pixels_are_scaled_to_tanh_range_and_fed_in_batches():
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
+    assert dcgan.dataset.to_tanh_range(images).flatten().tolist() == pytest.approx([-1, 51 / 127.5 - 1, 1])
+    batch = next(dcgan.dataset.batches(images, 3, "cpu", seed=0))
+    assert sorted(batch.flatten().tolist()) == pytest.approx([-1, 51 / 127.5 - 1, 1])
 
 
-def test_smoke_run_then_resume(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    result = run_train("DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--max-steps", 3,
-                       "--batch-size", 4, "--sample-every", 1, "--out", run, *QUICK)
-    assert result.returncode == 0, result.stderr[-3000:]
-    tags = scalar_tags(run)
-    assert [s for s, _ in tags["loss/D"]] == [3] and [s for s, _ in tags["loss/G"]] == [3]
-    assert {"D/real", "D/fake"} <= set(tags)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_000000{i}.png" for i in (1, 2, 3)]
-    assert Image.open(run / "progress.gif").n_frames == 3
-    args = json.loads((run / "args.json").read_text())
-    assert args["dataset"] == "mnist" and args["batch_size"] == 4 and args["lr"] == 2e-4
-    checkpoint = load_checkpoint(run)
-    assert checkpoint["step"] == 3 and {"G", "D", "opt_G", "opt_D", "rng", "fixed_z", "batches"} <= set(checkpoint)
+# --- the losses at known logits ---------------------------------------------------------------------
 
-    result = run_train("DCGAN", "--resume", run, "--max-steps", 5)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(run)["step"] == 5
-    assert json.loads((run / "args.json").read_text())["batch_size"] == 4  # the run's own configuration
-    assert torch.equal(load_checkpoint(run)["fixed_z"], checkpoint["fixed_z"])
-    assert len(list((run / "samples").iterdir())) == 5
-    # the scalars logged before the checkpoint survive the resume; later ones follow them
-    assert [s for s, _ in scalar_tags(run)["loss/G"]] == [3, 5]
+LOGITS = torch.tensor([-2.0, -0.5, 0.0, 1.5])
 
 
-def test_resumed_run_matches_uninterrupted_run(mnist_root, tmp_path):
-    common = ["--dataset", "mnist", "--data-root", mnist_root, "--batch-size", 8, *QUICK]
-    assert run_train("DCGAN", *common, "--max-steps", 4, "--out", tmp_path / "straight").returncode == 0
-    assert run_train("DCGAN", *common, "--max-steps", 2, "--out", tmp_path / "split").returncode == 0
-    assert run_train("DCGAN", "--resume", tmp_path / "split", "--max-steps", 4).returncode == 0
-    straight, split = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
-    for net in ("G", "D"):
-        for name, value in straight[net].items():
-            assert torch.equal(value, split[net][name]), (net, name)
+def sigmoid(logit):
+    return 1 / (1 + math.exp(-logit))
 
 
-def test_image_folder_is_decoded_once_and_cached(image_folder, tmp_path):
-    args = ["--dataset", "folder", "--data-root", image_folder, "--max-steps", 2, "--batch-size", 8, *QUICK]
-    assert run_train("DCGAN", *args, "--out", tmp_path / "a").returncode == 0
-    caches = list(image_folder.glob(".decoded-32px-*.u8"))
-    assert len(caches) == 1 and caches[0].stat().st_size == 40 * 3 * 32 * 32
-    assert run_train("DCGAN", *args, "--out", tmp_path / "b").returncode == 0
+class KnownLogits(nn.Module):
+    """D(x) = one learnable logit per sample: `real` for the real images (ones), `fake` for G's (zeros)."""
+
+    def __init__(self, real, fake):
+        super().__init__()
+        self.real, self.fake = nn.Parameter(real.clone()), nn.Parameter(fake.clone())
+
+    def forward(self, x):
+        return torch.where(x.flatten(1)[:, 0] > 0, self.real, self.fake)
 
 
-def test_sampling_command_writes_a_grid_and_single_images(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    assert run_train("DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--max-steps", 1,
-                     "--batch-size", 4, "--out", run, *QUICK).returncode == 0
-    sample = [sys.executable, "model.py", str(run), "--num", "10", "--device", "cpu"]
-    subprocess.run([*sample, "--out", str(tmp_path / "grid.png")], cwd=ROOT / "DCGAN", check=True)
-    assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 4 per row, 2 px padding
-    subprocess.run([*sample, "--out", str(tmp_path / "single"), "--single"], cwd=ROOT / "DCGAN", check=True)
-    assert len(list((tmp_path / "single").glob("*.png"))) == 10
+class LogitImages(nn.Module):
+    """G(z) = one-pixel images with learnable pixels, which PixelLogit, as D, returns as its logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.pixels = nn.Parameter(logits.clone())
+
+    def forward(self, z):
+        return self.pixels.view(-1, 1, 1, 1)
 
 
-def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
-    sigterm_then_resume("DCGAN", tmp_path / "run", "--dataset", "mnist", "--data-root", mnist_root,
-                        "--batch-size", 4, "--sample-every", 1, *QUICK)
+class PixelLogit(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, 0]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys):
-    run = tmp_path / "run"
-    code = main_with_poisoned_loss(dcgan.train, "generator_step", 3, "--dataset", "mnist", "--data-root", mnist_root,
-                                   "--max-steps", 10, "--batch-size", 4, "--log-every", 1, "--checkpoint-every", 1,
-                                   "--out", run, *QUICK)
-    stderr = capsys.readouterr().err
-    assert code == 1
-    assert "NaN or Inf at step 3" in stderr and "Traceback" not in stderr
-    checkpoint = load_checkpoint(run)
-    assert checkpoint["step"] == 2
-    assert all(torch.isfinite(v).all() for net in ("G", "D") for v in checkpoint[net].values() if v.is_floating_point())
+def test_D_loss_and_its_gradient_at_known_logits():
+    """Alg. 1: D descends -log D(x) - log(1 - D(G(z))), each term a mean over the minibatch: with logits l, the
+    value is mean log(1 + e^-l_real) + mean log(1 + e^l_fake), the gradient (sigmoid(l) - target) / m."""
+    real, fake = LOGITS, LOGITS.flip(0)
+    D, G = KnownLogits(real, fake), LogitImages(torch.zeros(4))
+    loss, D_x, D_G_z = dcgan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), lr=1.0),
+                                                      torch.ones(4, 1, 1, 1), torch.zeros(4, 1))
+    m = len(real)
+    assert loss.item() == pytest.approx(sum(-math.log(sigmoid(l)) for l in real.tolist()) / m
+                                        + sum(-math.log(1 - sigmoid(l)) for l in fake.tolist()) / m)
+    assert D_x.item() == pytest.approx(sum(map(sigmoid, real.tolist())) / m)
+    assert D_G_z.item() == pytest.approx(sum(map(sigmoid, fake.tolist())) / m)
+    # one SGD step of size 1 moves each logit by minus its gradient
+    assert (real - D.real.detach()).tolist() == pytest.approx([(sigmoid(l) - 1) / m for l in real.tolist()], abs=1e-6)
+    assert (fake - D.fake.detach()).tolist() == pytest.approx([sigmoid(l) / m for l in fake.tolist()], abs=1e-6)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--lr", "-1"], ["--lr"]),
-    (["--batch-size", "0"], ["--batch-size"]),
-    (["--dataset", "nosuchset"], ["nosuchset"]),
-    (["--image-size", "48"], ["--image-size"]),
-    (["--resume", "/nonexistent/run"], ["no checkpoint"]),
-])
-def test_bad_flags_exit_2_without_traceback(flags, words):
-    assert_clean_error(run_train("DCGAN", *flags, "--device", "cpu"), *words)
-
-
-def test_missing_data_offline_exits_2_naming_the_files(tmp_path):
-    result = run_train("DCGAN", "--dataset", "cifar10", "--data-root", tmp_path / "empty", "--device", "cpu",
-                       "--out", tmp_path / "run")
-    assert_clean_error(result, "cifar10", "cifar-10-batches-py", "--data-root")
-
-
-def test_batch_larger_than_the_data_and_unwritable_out_exit_2(image_folder, tmp_path):
-    result = run_train("DCGAN", "--dataset", "folder", "--data-root", image_folder, "--batch-size", 41,
-                       "--out", tmp_path / "run", *QUICK)
-    assert_clean_error(result, "--batch-size 41")
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    assert_clean_error(run_train("DCGAN", "--out", blocker / "run", "--device", "cpu"), "--out")
-
-
-def test_resume_refuses_to_change_the_configuration(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    assert run_train("DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--max-steps", 1,
-                     "--batch-size", 4, "--out", run, *QUICK).returncode == 0
-    assert_clean_error(run_train("DCGAN", "--resume", run, "--lr", "0.1"), "lr")
+def test_G_loss_and_its_gradient_at_known_logits():
+    """The non-saturating G loss, -log D(G(z)) as a mean: value mean log(1 + e^-l), gradient (sigmoid(l) - 1) / m
+    (the saturating log(1 - D(G(z))) would have the gradient sigmoid(l) / m instead)."""
+    G = LogitImages(LOGITS)
+    loss = dcgan.train.generator_step(G, PixelLogit(), torch.optim.SGD(G.parameters(), lr=1.0),
+                                      torch.zeros(4, 1))
+    m = len(LOGITS)
+    assert loss.item() == pytest.approx(sum(-math.log(sigmoid(l)) for l in LOGITS.tolist()) / m)
+    assert (LOGITS - G.pixels.detach()).tolist() == pytest.approx([(sigmoid(l) - 1) / m for l in LOGITS.tolist()],
+                                                                  abs=1e-6)

@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -20,20 +19,10 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity import __version__ as torch_fidelity_version
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, NOISE_SOURCE_REGISTRY
 
-from conftest import load_folder, scalar_tags, tiny_mnist
+from conftest import CONVOLUTIONAL, QUICK, assert_same_networks, load_checkpoint, load_folder, run_main, scalar_tags
 
-FOLDERS = ("DCGAN", "WGAN", "WGAN-GP", "LSGAN", "SN-DCGAN")
-# Small networks; WGAN's 100-iteration critic warm-up off, so that a step is one step.
-QUICK = {
-    "DCGAN": ["--image-size", 32, "--width", 8],
-    "WGAN": ["--image-size", 32, "--width", 8, "--no-critic-warmup"],
-    "WGAN-GP": ["--width", 4],
-    "LSGAN": ["--image-size", 32, "--width", 8],
-    "SN-DCGAN": ["--width", 8],
-}
 EXTRACTOR = "test-pixels"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-START, END = "# >>> copied: sample metrics >>>", "# <<< copied: sample metrics <<<"
 
 
 class PixelFeatures(FeatureExtractorBase):
@@ -72,25 +61,9 @@ if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(EXTRACTOR, PixelFeatures)
 
 
-def run_main(module, *args):
-    """`module.main(ARGS)` in-process (a folder's train.py or model.py); its exit code. The signal handlers
-    that train.main installs are restored afterwards."""
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = module.main([str(arg) for arg in args])
-    except SystemExit as stopped:
-        code = stopped.code
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    return code or 0
-
-
 def train_run(folder, root, run, *args):
-    """A short MNIST run of FOLDER's train.py into RUN; returns RUN."""
-    code = run_main(load_folder(folder).train, "--dataset", "mnist", "--data-root", root, "--batch-size", 8,
-                    "--device", "cpu", "--out", run, *QUICK[folder], *args)
-    assert code == 0
+    """A short MNIST run of FOLDER's train.py into RUN, in this process; returns RUN."""
+    assert run_main(load_folder(folder).train, *QUICK[folder], "--data-root", root, "--out", run, *args) == 0
     return run
 
 
@@ -100,23 +73,15 @@ def snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """A data root with a tiny MNIST (600 training and 200 test images): quick to embed."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "MNIST" / "raw").mkdir(parents=True)
-    tiny_mnist(root / "MNIST" / "raw")
-    return root
-
-
-@pytest.fixture(scope="module")
-def dcgan_run(tiny_root, tmp_path_factory):
+def dcgan_run(tiny_mnist_root, tmp_path_factory):
     """A 2-step DCGAN run, left unchanged by the tests that use it."""
-    return train_run("DCGAN", tiny_root, tmp_path_factory.mktemp("dcgan") / "run", "--max-steps", 2)
+    return train_run("DCGAN", tiny_mnist_root, tmp_path_factory.mktemp("dcgan") / "run", "--max-steps", 2)
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("folder", CONVOLUTIONAL)
 def test_the_noise_torch_fidelity_feeds_G_is_the_folders_own_prior(folder):
     gan = load_folder(folder)
+    gan.support.fidelity()  # registers the U(-1, 1) prior
     torch.manual_seed(0)
     own = gan.model.sample_z(20000, 8).flatten().double()
     fed = NOISE_SOURCE_REGISTRY[gan.train.Z_PRIOR](np.random.RandomState(0), (20000, 8)).flatten().double()
@@ -150,26 +115,27 @@ class Noise(nn.Module):
         return torch.rand(len(z), *self.shape, generator=self.generator) * 2 - 1
 
 
-def test_fid_of_the_training_set_against_itself_is_zero_and_against_noise_large(tiny_root):
-    train = load_folder("DCGAN").train
-    args = argparse.Namespace(dataset="mnist", data_root=str(tiny_root), image_size=32, eval_real="train",
+def test_fid_of_the_training_set_against_itself_is_zero_and_against_noise_large(tiny_mnist_root):
+    gan = load_folder("DCGAN")
+    args = argparse.Namespace(dataset="mnist", data_root=str(tiny_mnist_root), image_size=32, eval_real="train",
                               z_dim=100, seed=0, feature_extractor=EXTRACTOR, inception_weights=None,
                               cache_dir=None, strict_images=False, lsun_classes=["bedroom_train"])
-    real = train.RealSet(args)
+    real = gan.support.RealSet(args, gan.train.training_images)
     images = real.dataset.images
     assert images.dtype == torch.uint8 and images.shape == (600, 1, 32, 32)
-    itself = train.sample_metrics(Replay(images), args, torch.device("cpu"), real, len(images))
-    noise = train.sample_metrics(Noise(1, 32), args, torch.device("cpu"), real, len(images))
+    cpu, prior = torch.device("cpu"), gan.train.Z_PRIOR
+    itself = gan.support.sample_metrics(Replay(images), args, cpu, prior, real, len(images))
+    noise = gan.support.sample_metrics(Noise(1, 32), args, cpu, prior, real, len(images))
     assert all(math.isfinite(v) for v in [*itself.values(), *noise.values()])
     assert abs(itself["fid"]) < 1e-6 and noise["fid"] > 1
     assert abs(itself["kid"]) < 1e-3 * noise["kid"]
     assert itself["inception_score"] > 1 and abs(itself["inception_score"] - noise["inception_score"]) > 0.1
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_root, tmp_path, capsys):
+@pytest.mark.parametrize("folder", CONVOLUTIONAL)
+def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_mnist_root, tmp_path, capsys):
     gan = load_folder(folder)
-    run = train_run(folder, tiny_root, tmp_path / "run", "--max-steps", 2)
+    run = train_run(folder, tiny_mnist_root, tmp_path / "run", "--max-steps", 2)
     before = snapshot(run)
     capsys.readouterr()
     assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR) == 0
@@ -200,21 +166,21 @@ def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_root, t
 
 def test_the_real_features_are_computed_once_and_cached_under_the_data_root(dcgan_run, tmp_path, monkeypatch,
                                                                             capsys):
-    train = load_folder("DCGAN").train
+    gan = load_folder("DCGAN")
     root = tmp_path / "data"
     shutil.copytree(json.loads((dcgan_run / "args.json").read_text())["data_root"] + "/MNIST", root / "MNIST")
     evaluate = ["--evaluate", dcgan_run, "--eval-samples", 50, "--feature-extractor", EXTRACTOR, "--data-root", root]
     embedded = []
-    real_getitems = train.RealImages.__getitems__
-    monkeypatch.setattr(train.RealImages, "__getitems__", lambda self, i: embedded.append(len(i)) or
+    real_getitems = gan.support.RealImages.__getitems__
+    monkeypatch.setattr(gan.support.RealImages, "__getitems__", lambda self, i: embedded.extend(i) or
                         real_getitems(self, i))
-    assert run_main(train, *evaluate) == 0
-    assert sum(embedded) == 600
+    assert run_main(gan.train, *evaluate) == 0
+    assert sorted(embedded) == [0, *range(600)]  # each image once, and image 0 alone first: torch-fidelity's check
     cached = sorted(p.name for p in (root / ".fidelity-cache").iterdir())
     assert cached and all(name.startswith("mnist-train-32px-600-") and f"-{EXTRACTOR}-" in name for name in cached)
     first = json.loads((dcgan_run / "metrics.json").read_text())
     embedded.clear()
-    assert run_main(train, *evaluate) == 0
+    assert run_main(gan.train, *evaluate) == 0
     assert embedded == []  # only the samples were embedded
     assert json.loads((dcgan_run / "metrics.json").read_text()) == first
 
@@ -224,24 +190,23 @@ def test_the_real_features_are_computed_once_and_cached_under_the_data_root(dcga
     (blocked / ".fidelity-cache").write_text("a file where the cache folder would go")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     capsys.readouterr()
-    assert run_main(train, "--evaluate", dcgan_run, "--eval-samples", 50, "--feature-extractor", EXTRACTOR,
+    assert run_main(gan.train, "--evaluate", dcgan_run, "--eval-samples", 50, "--feature-extractor", EXTRACTOR,
                     "--data-root", blocked) == 0
     assert f"not writable; the real set's features are cached in {tmp_path / 'torch' / 'fidelity_cache'}" in \
         capsys.readouterr().out
     assert any((tmp_path / "torch" / "fidelity_cache").glob(f"mnist-train-32px-600-*-{EXTRACTOR}-*"))
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_eval_every_logs_the_scores_and_keeps_the_best_checkpoint(folder, tiny_root, tmp_path):
+@pytest.mark.parametrize("folder", CONVOLUTIONAL)
+def test_eval_every_logs_the_scores_and_keeps_the_best_checkpoint(folder, tiny_mnist_root, tmp_path):
     gan = load_folder(folder)
-    run = train_run(folder, tiny_root, tmp_path / "run", "--max-steps", 4, "--eval-every", 2,
+    run = train_run(folder, tiny_mnist_root, tmp_path / "run", "--max-steps", 4, "--eval-every", 2,
                     "--eval-every-samples", 50, "--feature-extractor", EXTRACTOR)
     tags = scalar_tags(run)
     for tag in ("metrics/fid", "metrics/is", "metrics/kid"):
         assert [step for step, _ in tags[tag]] == [2, 4], tag
         assert all(math.isfinite(value) for _, value in tags[tag])
-    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-    last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    best, last = load_checkpoint(run, "best.pt"), load_checkpoint(run)
     fids = dict(tags["metrics/fid"])
     assert best["step"] == min(fids, key=fids.get) == best["best"]["step"]
     assert best["best"]["score"] == pytest.approx(min(fids.values()), rel=1e-6)
@@ -256,38 +221,28 @@ def test_eval_every_logs_the_scores_and_keeps_the_best_checkpoint(folder, tiny_r
                     "--device", "cpu") == 0
     assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
     assert run_main(gan.train, "--resume", tmp_path / "copy" / "checkpoints" / "best.pt", "--max-steps", 5) == 0
-    resumed = torch.load(tmp_path / "copy" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    resumed = load_checkpoint(tmp_path / "copy")
     assert resumed["step"] == 5 and resumed["best"]["step"] == best["step"]
 
 
-def test_eval_every_leaves_training_unchanged_and_resumes_exactly(tiny_root, tmp_path):
+def test_eval_every_leaves_training_unchanged_and_resumes_exactly(tiny_mnist_root, tmp_path):
     evaluating = ["--eval-every", 1, "--eval-every-samples", 50, "--feature-extractor", EXTRACTOR]
-    straight = train_run("DCGAN", tiny_root, tmp_path / "straight", "--max-steps", 4, *evaluating)
-    split = train_run("DCGAN", tiny_root, tmp_path / "split", "--max-steps", 2, *evaluating)
+    straight = train_run("DCGAN", tiny_mnist_root, tmp_path / "straight", "--max-steps", 4, *evaluating)
+    split = train_run("DCGAN", tiny_mnist_root, tmp_path / "split", "--max-steps", 2, *evaluating)
     assert run_main(load_folder("DCGAN").train, "--resume", split, "--max-steps", 4) == 0
-    plain = train_run("DCGAN", tiny_root, tmp_path / "plain", "--max-steps", 4)
-    runs = {name: torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-            for name, path in (("straight", straight), ("split", split), ("plain", plain))}
-    for net in ("G", "D"):
-        for name, value in runs["straight"][net].items():
-            assert torch.equal(value, runs["split"][net][name]), (net, name)
-            assert torch.equal(value, runs["plain"][net][name]), (net, name)  # evaluating moved no RNG stream
+    plain = train_run("DCGAN", tiny_mnist_root, tmp_path / "plain", "--max-steps", 4)
+    runs = {name: load_checkpoint(path) for name, path in (("straight", straight), ("split", split), ("plain", plain))}
+    assert_same_networks(runs["straight"], runs["split"])
+    assert_same_networks(runs["straight"], runs["plain"])  # evaluating moved no random stream
     assert runs["straight"]["best"] == runs["split"]["best"] and runs["plain"]["best"] is None
     assert scalar_tags(straight)["metrics/fid"] == scalar_tags(split)["metrics/fid"]
-    best = {name: torch.load(path / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-            for name, path in (("straight", straight), ("split", split))}
-    assert all(torch.equal(v, best["split"]["G"][k]) for k, v in best["straight"]["G"].items())
+    assert_same_networks(load_checkpoint(straight, "best.pt"), load_checkpoint(split, "best.pt"))
 
 
-def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_run, tiny_root, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_run, tiny_mnist_root, tmp_path,
+                                                                         monkeypatch, capsys, offline):
     train = load_folder("DCGAN").train
-    # No weights in torch's folder, and every download refused at once by a proxy on a closed local port.
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no weights in torch's folder
     before = snapshot(dcgan_run)
     capsys.readouterr()
     assert run_main(train, "--evaluate", dcgan_run, "--eval-samples", 20) == 2
@@ -299,8 +254,8 @@ def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_r
     assert snapshot(dcgan_run) == before
 
     # training with --eval-every stops before it creates anything
-    assert run_main(train, "--dataset", "mnist", "--data-root", tiny_root, "--max-steps", 2, "--eval-every", 1,
-                    "--out", tmp_path / "new", *QUICK["DCGAN"]) == 2
+    assert run_main(train, *QUICK["DCGAN"], "--data-root", tiny_mnist_root, "--max-steps", 2, "--eval-every", 1,
+                    "--out", tmp_path / "new") == 2
     assert WEIGHTS_FILE in capsys.readouterr().err and not (tmp_path / "new").exists()
 
     # a local weights file that is not one
@@ -312,9 +267,9 @@ def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_r
     assert snapshot(dcgan_run) == before
 
 
-def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny_root, tmp_path, capsys):
+def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny_mnist_root, tmp_path, capsys):
     gan = load_folder("DCGAN")
-    wgan = train_run("WGAN", tiny_root, tmp_path / "wgan", "--max-steps", 1)
+    wgan = train_run("WGAN", tiny_mnist_root, tmp_path / "wgan", "--max-steps", 1)
     before = snapshot(dcgan_run)
     cases = [
         (["--evaluate", tmp_path / "nothing"], "no checkpoint"),
@@ -331,7 +286,7 @@ def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and words in err and "error:" in err, (args, err)
     assert snapshot(dcgan_run) == before
-    assert run_main(gan.train, "--dataset", "mnist", "--data-root", tiny_root, "--eval-every", 0,
+    assert run_main(gan.train, "--dataset", "mnist", "--data-root", tiny_mnist_root, "--eval-every", 0,
                     "--out", tmp_path / "new") == 2
     assert "--eval-every must be at least 1" in capsys.readouterr().err and not (tmp_path / "new").exists()
     # model.py: a checkpoint of another folder, and a best.pt that was never written

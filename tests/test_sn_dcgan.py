@@ -1,24 +1,41 @@
-"""SN-DCGAN/: Table 3's shapes, spectral normalisation (§2.1, Appendix A), the losses of §4, Table 1's
-settings, and train.py run as a user runs it."""
+"""SN-DCGAN/: Table 3's shapes, spectral normalisation (§2.1, Appendix A), §4's losses by value and gradient,
+Table 1's settings, z's prior and the data's range, and Fig. 9's sigmas in a run. What every folder shares
+(runs, resume, signals, bad flags) is in test_common.py."""
 import copy
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import (ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags,
-                      sigterm_then_resume)
+from conftest import load_checkpoint, load_folder, run_train, scalar_tags
 
 sn_dcgan = load_folder("SN-DCGAN")
 model, train = sn_dcgan.model, sn_dcgan.train
-QUICK = ["--width", 8, "--device", "cpu"]
 LAYER_NAMES = ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7", "dense"]
+
+
+class LinearD(nn.Module):
+    """f(x) = w . x for each sample: every logit, and its gradient w.r.t. w (x itself), is known."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+class ConstantG(nn.Module):
+    """G(z) = the same learnable image for every z."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.image = nn.Parameter(image.clone())
+
+    def forward(self, z):
+        return self.image.expand(len(z), *self.image.shape)
 
 
 def small_models(channels=1, width=8):
@@ -34,20 +51,20 @@ def power_vectors(D):
     return [layer.parametrizations.weight[0]._u.clone() for layer in normalized(D)]
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_output_shapes_at_32px(channels):
-    G, D = model.Generator(32, channels), model.Discriminator(32, channels)
-    images = G(model.sample_z(5))
-    assert images.shape == (5, channels, 32, 32)
-    assert images.min() >= -1 and images.max() <= 1  # tanh output
-    assert D(images).shape == (5,)
+def parse(*argv):
+    """train.py's configuration for ARGV, as its main() reads it."""
+    return sn_dcgan.support.parse_args(train.build_parser(), list(argv), model.FOLDER, train.check_args)[0]
 
 
-def test_z_is_128_dimensional_standard_normal():
-    z = model.sample_z(20000)
-    assert z.shape == (20000, 128)
-    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and z.min() < -3
+def sigmoid(v):
+    return 1 / (1 + math.exp(-v))
 
+
+def softplus(v):
+    return math.log1p(math.exp(v))
+
+
+# --- Table 3 ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_table3_layers_and_feature_map_sizes(channels):
@@ -73,10 +90,10 @@ def test_table3_layers_and_feature_map_sizes(channels):
     for m in [*G.modules(), *D.modules()]:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             m.register_forward_hook(lambda mod, inp, o: sizes.append((mod, inp[0].shape[1:], o.shape[1:])))
-    D(G(model.sample_z(2)))
-    ups_seen = [(i[-1], o[-1]) for m, i, o in sizes if isinstance(m, nn.ConvTranspose2d)]
-    assert ups_seen == [(4, 8), (8, 16), (16, 32)]
-    assert [tuple(o) for m, i, o in sizes if m is G.net[-2]] == [(channels, 32, 32)]
+    images = G(model.sample_z(2))
+    assert images.shape == (2, channels, 32, 32) and images.min() >= -1 and images.max() <= 1  # tanh output
+    assert D(images).shape == (2,)
+    assert [(i[-1], o[-1]) for m, i, o in sizes if isinstance(m, nn.ConvTranspose2d)] == [(4, 8), (8, 16), (16, 32)]
     d_outputs = [tuple(o) for m, i, o in sizes if any(m is layer for layer in D.net)]
     assert d_outputs == [(64, 32, 32), (64, 16, 16), (128, 16, 16), (128, 8, 8), (256, 8, 8), (256, 4, 4),
                          (512, 4, 4)]
@@ -90,6 +107,16 @@ def test_other_image_sizes_follow_m_over_8(size):
     assert D(torch.zeros(2, 3, size, size)).shape == (2,)
 
 
+def test_no_batch_norm_in_D_and_leaky_relu_slope_is_0_1():
+    D = model.Discriminator(32, 3)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
+    slopes = [m.negative_slope for m in D.modules() if isinstance(m, nn.LeakyReLU)]
+    assert slopes == [0.1] * 7
+    assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid)) for m in D.modules())  # D returns the logit f(x)
+
+
+# --- spectral normalisation ------------------------------------------------------------------------
+
 def test_spectral_norm_on_every_D_layer_and_on_no_G_layer():
     G, D = model.Generator(32, 3), model.Discriminator(32, 3)
     d_layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -99,14 +126,6 @@ def test_spectral_norm_on_every_D_layer_and_on_no_G_layer():
     assert not any(parametrize.is_parametrized(m) for m in G.modules())
     assert all(type(m.parametrizations.weight[0]).__name__ == "_SpectralNorm" for m in d_layers)
     assert all(m.parametrizations.weight[0].n_power_iterations == 1 for m in d_layers if m.weight.ndim > 1)
-
-
-def test_no_batch_norm_in_D_and_leaky_relu_slope_is_0_1():
-    D = model.Discriminator(32, 3)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
-    slopes = [m.negative_slope for m in D.modules() if isinstance(m, nn.LeakyReLU)]
-    assert slopes == [0.1] * 7
-    assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid)) for m in D.modules())  # D returns the logit f(x)
 
 
 def test_normalized_weights_have_largest_singular_value_one_after_training_forwards():
@@ -135,8 +154,7 @@ def test_power_iteration_vector_is_frozen_in_eval_and_updated_in_train():
     x = torch.rand(4, 1, 32, 32)
     before = power_vectors(D)
     D.eval()
-    first, second = D(x), D(x)
-    assert torch.equal(first, second)
+    assert torch.equal(D(x), D(x))
     assert all(torch.equal(a, b) for a, b in zip(before, power_vectors(D)))
     D.train()
     D(x)
@@ -157,155 +175,131 @@ def test_one_D_update_runs_exactly_one_power_iteration():
     assert all(torch.equal(a, b) for a, b in zip(power_vectors(reference), power_vectors(D)))
 
 
-def test_standard_losses_on_known_logits():
-    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+# --- the losses (Eq. 15-17, §4) ---------------------------------------------------------------------
 
-    def softplus(v):
-        return math.log1p(math.exp(v))
+REAL, FAKE = [2.0, -1.0], [0.5, -3.0]  # logits f(x), f(G(z)) at known points; m = 2
 
-    # Eq. 15: -E[log sigmoid(f(x))] - E[log(1 - sigmoid(f(G(z))))]
-    expected = (softplus(-2) + softplus(1)) / 2 + (softplus(0.5) + softplus(-3)) / 2
-    assert train.discriminator_loss(real, fake, "standard").item() == pytest.approx(expected, rel=1e-6)
+
+def logits(values):
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+def test_standard_losses_by_value_and_gradient_at_known_logits():
+    real, fake = logits(REAL), logits(FAKE)
+    loss = train.discriminator_loss(real, fake, "standard")
+    loss.backward()
+    # Eq. 15 negated: mean softplus(-f(x)) + mean softplus(f(G(z))), i.e. -E[log D(x)] - E[log(1 - D(G(z)))]
+    assert loss.item() == pytest.approx((softplus(-2) + softplus(1)) / 2 + (softplus(0.5) + softplus(-3)) / 2)
+    # its gradient: (sigmoid(f(x)) - 1) / m for the real logits, sigmoid(f(G(z))) / m for the fake ones
+    assert real.grad.tolist() == pytest.approx([(sigmoid(v) - 1) / 2 for v in REAL])
+    assert fake.grad.tolist() == pytest.approx([sigmoid(v) / 2 for v in FAKE])
     assert train.discriminator_loss(torch.zeros(3), torch.zeros(3), "standard").item() == pytest.approx(
-        2 * math.log(2), rel=1e-6)
-    # §4: G minimises -E[log D(G(z))]
-    assert train.generator_loss(fake, "standard").item() == pytest.approx(
-        (softplus(-0.5) + softplus(3)) / 2, rel=1e-6)
+        2 * math.log(2))
+
+    # §4: G minimises -E[log D(G(z))] = mean softplus(-f(G(z))); gradient (sigmoid(f(G(z))) - 1) / m
+    fake = logits(FAKE)
+    loss = train.generator_loss(fake, "standard")
+    loss.backward()
+    assert loss.item() == pytest.approx((softplus(-0.5) + softplus(3)) / 2)
+    assert fake.grad.tolist() == pytest.approx([(sigmoid(v) - 1) / 2 for v in FAKE])
     # non-saturating: a confident D (f(G(z)) = -10) still gives G a full-size gradient, about -1 per sample
-    logits = torch.full((4,), -10.0, requires_grad=True)
-    train.generator_loss(logits, "standard").backward()
-    assert torch.allclose(logits.grad, torch.full((4,), -0.25), atol=1e-4)
+    confident = torch.full((4,), -10.0, requires_grad=True)
+    train.generator_loss(confident, "standard").backward()
+    assert torch.allclose(confident.grad, torch.full((4,), -0.25), atol=1e-4)
 
 
-def test_hinge_losses_on_known_logits():
-    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
-    # Eq. 16, negated: E[relu(1 - f(x))] + E[relu(1 + f(G(z)))] = mean(0, 0.5, 2) + mean(0, 1, 2)
-    assert train.discriminator_loss(real, fake, "hinge").item() == pytest.approx(2.5 / 3 + 1.0)
+def test_hinge_losses_by_value_and_gradient_at_known_logits():
+    real, fake = logits([2.0, 0.5, -1.0]), logits([-2.0, 0.0, 1.0])
+    loss = train.discriminator_loss(real, fake, "hinge")
+    loss.backward()
+    # Eq. 16 negated: E[relu(1 - f(x))] + E[relu(1 + f(G(z)))] = mean(0, 0.5, 2) + mean(0, 1, 2)
+    assert loss.item() == pytest.approx(2.5 / 3 + 1.0)
+    # its gradient: -1/m where a real logit is below the margin 1, +1/m where a fake one is above -1, else 0
+    assert real.grad.tolist() == pytest.approx([0.0, -1 / 3, -1 / 3])
+    assert fake.grad.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
     assert train.discriminator_loss(torch.ones(2), -torch.ones(2), "hinge").item() == 0  # both margins met
-    # Eq. 17: -E[f(G(z))]
-    assert train.generator_loss(fake, "hinge").item() == pytest.approx(1 / 3)
+
+    # Eq. 17: G minimises -E[f(G(z))]; gradient -1/m for every sample, however confident D is
+    fake = logits([-2.0, 0.0, 1.0])
+    loss = train.generator_loss(fake, "hinge")
+    loss.backward()
+    assert loss.item() == pytest.approx(1 / 3)
+    assert fake.grad.tolist() == pytest.approx([-1 / 3] * 3)
 
 
 @pytest.mark.parametrize("kind", ["standard", "hinge"])
-def test_D_step_leaves_G_unchanged_and_G_step_leaves_D_unchanged(kind):
-    G, D = small_models()
-    opt_G = torch.optim.Adam(G.parameters(), 1e-4, (0.5, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), 1e-4, (0.5, 0.999))
-    x = torch.rand(8, 1, 32, 32) * 2 - 1
+def test_the_updates_take_the_gradient_of_their_loss_and_hold_the_other_network_fixed(kind):
+    torch.manual_seed(0)
+    w, image, x = torch.randn(1, 2, 2), torch.randn(1, 2, 2), torch.randn(4, 1, 2, 2)
+    G, D = ConstantG(image), LinearD(w)
+    # lr 0: the loss and gradient of D's update, nothing moves
+    loss, real_mean, fake_mean = train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x,
+                                                          torch.zeros(4, 1), kind)
+    real, fake = (x * w).flatten(1).sum(1), (image * w).sum()
+    if kind == "standard":
+        value = torch.nn.functional.softplus(-real).mean() + torch.nn.functional.softplus(fake)
+        real_grad, fake_grad = (torch.sigmoid(real) - 1) / 4, torch.sigmoid(fake)
+    else:
+        value = (1 - real).clamp(min=0).mean() + (1 + fake).clamp(min=0)
+        real_grad, fake_grad = -(real < 1).float() / 4, (fake > -1).float()
+    assert torch.allclose(loss, value, atol=1e-6)
+    assert torch.allclose(real_mean, real.mean(), atol=1e-6) and torch.allclose(fake_mean, fake, atol=1e-6)
+    # d/dw: sum_i dloss/df(x_i) x_i + dloss/df(G(z)) G's image (the m fakes are one image)
+    assert torch.allclose(D.w.grad, (real_grad.view(4, 1, 1, 1) * x).sum(0) + fake_grad * image, atol=1e-6)
+    assert G.image.grad is None  # G held fixed: the fakes carry no graph
 
-    def params(net):
-        return [p.detach().clone() for p in net.parameters()]
+    D.w.grad = None
+    loss_G = train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(4, 1), kind)
+    # G's loss at f(G(z)) = w . image, and its gradient w.r.t. the image: dloss/df times w
+    if kind == "standard":
+        value, slope = torch.nn.functional.softplus(-fake), torch.sigmoid(fake) - 1
+    else:
+        value, slope = -fake, torch.tensor(-1.0)
+    assert torch.allclose(loss_G, value, atol=1e-6)
+    assert torch.allclose(G.image.grad, slope * w, atol=1e-6)
+    assert D.w.grad is None and D.w.requires_grad  # D held fixed, and trainable again afterwards
 
-    G_before, D_before = params(G), params(D)
-    train.discriminator_step(G, D, opt_D, x, model.sample_z(8), kind)
-    assert all(torch.equal(a, b) for a, b in zip(G_before, params(G)))
-    assert not all(torch.equal(a, b) for a, b in zip(D_before, params(D)))
-    assert all(p.grad is None for p in G.parameters())  # the fakes were detached
 
-    D_before = params(D)
-    train.generator_step(G, D, opt_G, model.sample_z(8), kind)
-    assert all(torch.equal(a, b) for a, b in zip(D_before, params(D)))
-    assert not all(torch.equal(a, b) for a, b in zip(G_before, params(G)))
-    assert all(p.requires_grad for p in D.parameters())  # D is trainable again afterwards
-
+# --- Table 1, z, the data, and a run ---------------------------------------------------------------
 
 def test_table1_settings_default_and_overrides():
     assert train.SETTINGS == {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1), "C": (2e-4, 0.5, 0.999, 1),
                               "D": (1e-3, 0.5, 0.9, 5), "E": (1e-3, 0.5, 0.999, 5), "F": (1e-3, 0.9, 0.999, 5)}
-    args, _ = train.parse_args([])
+    args = parse()
     assert (args.setting, args.lr, args.beta1, args.beta2, args.n_dis) == ("B", 1e-4, 0.5, 0.999, 1)
     assert (args.loss, args.z_dim, args.width, args.iters, args.batch_size, args.image_size) == (
         "standard", 128, 64, 100_000, 64, 32)
     for setting, values in train.SETTINGS.items():
-        args, _ = train.parse_args(["--setting", setting])
+        args = parse("--setting", setting)
         assert (args.lr, args.beta1, args.beta2, args.n_dis) == values
-    args, _ = train.parse_args(["--setting", "F", "--lr", "3e-4", "--n-dis", "2"])
+    args = parse("--setting", "F", "--lr", "3e-4", "--n-dis", "2")
     assert (args.lr, args.beta1, args.beta2, args.n_dis) == (3e-4, 0.9, 0.999, 2)
     help_text = " ".join(train.build_parser().format_help().split())
     assert "setting B, n_dis = 1" in help_text and "100K" in help_text
 
 
-def test_smoke_run_then_resume_and_sample(mnist_root, tmp_path):
+def test_z_is_128_dimensional_standard_normal_and_pixels_are_scaled_to_tanh_range():
+    z = model.sample_z(20000)
+    assert z.shape == (20000, 128)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and z.min() < -3
+    assert train.Z_PRIOR == "normal"  # the prior --evaluate's samples are drawn from
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
+    x = next(sn_dcgan.dataset.batches(pixels, 3, "cpu", seed=0))
+    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
+
+
+def test_run_draws_n_dis_real_batches_per_step_and_logs_fig_9s_sigmas(mnist_root, tmp_path):
     run = tmp_path / "run"
-    result = run_train("SN-DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--max-steps", 2,
-                       "--batch-size", 4, "--sample-every", 1, "--device", "cpu", "--out", run)
+    result = run_train("SN-DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--width", 8, "--batch-size", 4,
+                       "--setting", "A", "--loss", "hinge", "--max-steps", 2, "--log-every", 1, "--device", "cpu",
+                       "--out", run)
     assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(run)
+    assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 5}  # setting A: n_dis = 5 fresh real batches a step
+    assert any(k.endswith("._u") for k in checkpoint["D"])  # the power iteration's u goes on from where it was
     tags = scalar_tags(run)
-    assert [s for s, _ in tags["loss/D"]] == [2] and [s for s, _ in tags["loss/G"]] == [2]
-    assert {"D/real", "D/fake"} <= set(tags)
-    for name in LAYER_NAMES:  # Fig. 9's quantity, near 1 from the start
-        assert abs(tags[f"sn/sigma_{name}"][0][1] - 1) < 0.05
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000001.png", "step_0000002.png"]
-    assert Image.open(run / "progress.gif").n_frames == 2
-    args = json.loads((run / "args.json").read_text())
-    assert (args["setting"], args["lr"], args["n_dis"], args["loss"], args["batch_size"]) == (
-        "B", 1e-4, 1, "standard", 4)
-    checkpoint = load_checkpoint(run)
-    assert checkpoint["step"] == 2 and {"G", "D", "opt_G", "opt_D", "rng", "fixed_z", "batches"} <= set(checkpoint)
-    assert any(k.endswith("._u") for k in checkpoint["D"])
-
-    result = run_train("SN-DCGAN", "--resume", run, "--max-steps", 3)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(run)["step"] == 3
-    assert json.loads((run / "args.json").read_text())["batch_size"] == 4  # the run's own configuration
-    assert torch.equal(load_checkpoint(run)["fixed_z"], checkpoint["fixed_z"])
-    assert len(list((run / "samples").iterdir())) == 3
-    assert max(s for s, _ in scalar_tags(run)["loss/G"]) == 3
-    assert_clean_error(run_train("SN-DCGAN", "--resume", run, "--setting", "C"), "setting")
-
-    sample = [sys.executable, "model.py", str(run), "--num", "10", "--device", "cpu"]
-    subprocess.run([*sample, "--out", str(tmp_path / "grid.png")], cwd=ROOT / "SN-DCGAN", check=True)
-    assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 4 per row, 2 px padding
-    subprocess.run([*sample, "--out", str(tmp_path / "single"), "--single"], cwd=ROOT / "SN-DCGAN", check=True)
-    assert len(list((tmp_path / "single").glob("*.png"))) == 10
-
-
-def test_resumed_run_matches_uninterrupted_run(mnist_root, tmp_path):
-    # setting A (n_dis = 5) and the hinge loss: several D updates per step, resumed mid-run
-    common = ["--dataset", "mnist", "--data-root", mnist_root, "--batch-size", 8, "--setting", "A",
-              "--loss", "hinge", "--log-every", 1, *QUICK]
-    assert run_train("SN-DCGAN", *common, "--max-steps", 4, "--out", tmp_path / "straight").returncode == 0
-    assert run_train("SN-DCGAN", *common, "--max-steps", 2, "--out", tmp_path / "split").returncode == 0
-    assert run_train("SN-DCGAN", "--resume", tmp_path / "split", "--max-steps", 4).returncode == 0
-    straight, split = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
-    for net in ("G", "D"):  # D's state holds the power-iteration vectors u, v too
-        for name, value in straight[net].items():
-            assert torch.equal(value, split[net][name]), (net, name)
-    assert straight["batches"] == split["batches"] == {"epoch": 0, "index": 4 * 5}
-    assert scalar_tags(tmp_path / "straight")["loss/D"] == scalar_tags(tmp_path / "split")["loss/D"]
-
-
-def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path):
-    sigterm_then_resume("SN-DCGAN", tmp_path / "run", "--dataset", "mnist", "--data-root", mnist_root,
-                        "--batch-size", 4, "--sample-every", 1, *QUICK)
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    # Adam moves every weight by about lr per step: at lr 1e17 G's batch norm overflows after a few finite steps
-    result = run_train("SN-DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--lr", 1e17, "--max-steps", 50,
-                       "--batch-size", 4, "--log-every", 1, "--checkpoint-every", 1, "--out", run, *QUICK)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "NaN or Inf at step" in result.stderr and "Traceback" not in result.stderr
-    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
-    assert bad_step > 1
-    checkpoint = load_checkpoint(run)
-    assert checkpoint["step"] == bad_step - 1
-    assert all(torch.isfinite(v).all() for net in ("G", "D") for v in checkpoint[net].values() if v.is_floating_point())
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--dataset", "nosuchset"], ["nosuchset"]),
-    (["--setting", "Z"], ["--setting", "Z"]),
-    (["--image-size", "30"], ["--image-size"]),
-    (["--lr", "-1"], ["--lr"]),
-    (["--n-dis", "0"], ["--n-dis"]),
-    (["--resume", "/nonexistent/run"], ["no checkpoint"]),
-])
-def test_bad_flags_exit_2_without_traceback(flags, words):
-    assert_clean_error(run_train("SN-DCGAN", *flags, "--device", "cpu"), *words)
-
-
-def test_missing_data_offline_exits_2_naming_the_files(tmp_path):
-    result = run_train("SN-DCGAN", "--data-root", tmp_path / "empty", "--device", "cpu", "--out", tmp_path / "run")
-    assert_clean_error(result, "cifar10", "cifar-10-batches-py", "--data-root")
+    # Appendix C.1, Fig. 9: sigma(W_SN) of every layer stays near 1 (one power iteration per update lags the
+    # moving weights by a few per cent)
+    for name in LAYER_NAMES:
+        assert [s for s, _ in tags[f"sn/sigma_{name}"]] == [1, 2]
+        assert all(abs(sigma - 1) < 0.1 for _, sigma in tags[f"sn/sigma_{name}"])

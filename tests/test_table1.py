@@ -1,8 +1,11 @@
-"""simpleGAN/ and CGAN/: Table 1's protocol (the Parzen window, sigma chosen on the validation split, the
-standard error, the samples of the CGAN), the CGAN's conditioning, and the official code's update of simpleGAN."""
+"""simpleGAN/ and CGAN/: Table 1's protocol, which both train.py files carry: the Gaussian Parzen window, sigma
+chosen on the validation split from logspace(-1, 0, 10), the standard error with ddof 0, the seeded samples that
+leave the training's random streams untouched, and the CGAN's 1,000 samples per class in one window."""
 import math
+import random
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,6 +13,7 @@ from torch import nn
 from conftest import load_folder
 
 gan, cgan = load_folder("simpleGAN"), load_folder("CGAN")
+FOLDERS = {"simpleGAN": gan, "CGAN": cgan}
 CPU = torch.device("cpu")
 
 
@@ -30,41 +34,111 @@ def points_around(centres, n, sigma):
     return centres[torch.arange(n) % len(centres)] + sigma * torch.randn(n, centres.shape[1])
 
 
-@pytest.mark.parametrize("folder", ["simpleGAN", "CGAN"])
+def estimate(folder, centres, valid, points, parzen_valid):
+    """The folder's parzen_estimate with G's samples `centres` (1,000 of them: CGAN's 100 per class for 10
+    classes), the validation and scored images labelled 0, 1, ..., 9, 0, ... for the CGAN."""
+    if folder == "simpleGAN":
+        args = Namespace(seed=0, z_dim=100, parzen_samples=len(centres), parzen_valid=parzen_valid)
+        return gan.train.parzen_estimate(FixedSamples(centres), valid, points, args, CPU)
+    args = Namespace(seed=0, z_dim=100, parzen_valid=parzen_valid, sampling_dropout=False, parzen_per_class=False)
+    labelled = [(x, torch.arange(len(x)) % 10) for x in (valid, points)]
+    return cgan.train.parzen_estimate(FixedSamples(centres, classes=10), *labelled, args, CPU)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_parzen_with_one_sample_is_the_gaussian_density(folder):
+    torch.manual_seed(0)
+    mu, x, sigma, d = torch.rand(1, 784), torch.rand(6, 784), 0.3, 784
+    got = FOLDERS[folder].train.parzen_log_likelihoods(x, mu, [sigma])[0]
+    # log N(x; mu, sigma^2 I) = -|x - mu|^2 / (2 sigma^2) - d log(sigma sqrt(2 pi)), written out
+    expected = -((x - mu) ** 2).sum(1).double() / (2 * sigma ** 2) - d * math.log(sigma * math.sqrt(2 * math.pi))
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(got, torch.distributions.Normal(mu.double(), sigma).log_prob(x.double()).sum(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_parzen_is_the_log_of_the_mean_of_the_kernels_for_every_sigma_and_chunk(folder):
+    torch.manual_seed(0)
+    samples, x, sigmas = torch.rand(50, 20), torch.rand(9, 20), [0.1, 0.5, 1.0]
+    parzen = FOLDERS[folder].train.parzen_log_likelihoods
+    got = parzen(x, samples, sigmas)
+    assert got.shape == (3, 9) and got.dtype == torch.float64
+    for row, sigma in zip(got, sigmas):
+        kernels = torch.distributions.Normal(samples.double()[None], sigma).log_prob(x.double()[:, None]).sum(2)
+        assert torch.allclose(row, torch.logsumexp(kernels, 1) - math.log(50), rtol=1e-5)
+    assert torch.allclose(got, parzen(x, samples, sigmas, chunk=2))
+    # a point on the only sample: the kernel's peak, -d log(sigma sqrt(2 pi))
+    assert parzen(samples[:1], samples[:1], [0.1]).item() == pytest.approx(
+        -20 * math.log(0.1 * math.sqrt(2 * math.pi)), rel=1e-9)
+
+
+def test_the_two_folders_compute_the_same_estimator():
+    x, samples = torch.rand(6, 784), torch.rand(9, 784)
+    assert gan.train.SIGMAS == cgan.train.SIGMAS
+    assert torch.equal(gan.train.parzen_log_likelihoods(x, samples, gan.train.SIGMAS),
+                       cgan.train.parzen_log_likelihoods(x, samples, cgan.train.SIGMAS))
+    log_p = torch.randn(7, dtype=torch.float64)
+    assert gan.train.mean_and_stderr(log_p) == cgan.train.mean_and_stderr(log_p)
+
+
+def test_sigma_grid_and_selection_pick_the_width_the_validation_data_was_drawn_with():
+    torch.manual_seed(0)
+    sigmas = gan.train.SIGMAS
+    assert sigmas == pytest.approx(tuple(np.logspace(-1, 0, 10)))  # official code, parzen_ll.py
+    centres = torch.rand(200, 784) * 10  # far apart: each validation point is near its own centre only
+    for true in (sigmas[3], sigmas[6]):
+        valid = points_around(centres, 300, true)
+        assert gan.train.choose_sigma(gan.train.parzen_log_likelihoods(valid, centres, sigmas)) == true
+
+
+def test_standard_error_is_numpy_std_over_sqrt_n():
+    log_p = torch.tensor([1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
+    mean, stderr = gan.train.mean_and_stderr(log_p)
+    # official code, parzen_ll.py: ll.mean(), ll.std() / numpy.sqrt(n), numpy's std with ddof 0
+    assert mean == 4.0 and stderr == pytest.approx(np.std([1.0, 2.0, 4.0, 9.0]) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
 def test_sigma_is_chosen_on_the_validation_images_and_the_test_images_are_scored_with_it(folder):
     torch.manual_seed(0)
     sigmas = gan.train.SIGMAS
     centres = torch.rand(1000, 784) * 10  # far apart: each point is near its own centre only
     valid, test = points_around(centres, 300, sigmas[3]), points_around(centres, 400, sigmas[7])
-    if folder == "simpleGAN":
-        args = Namespace(seed=0, z_dim=100, parzen_samples=1000, parzen_valid=300)
-        mean, stderr, sigma = gan.train.parzen_estimate(FixedSamples(centres), valid, test, args, CPU)
-    else:
-        args = Namespace(seed=0, z_dim=100, parzen_valid=300, sampling_dropout=False, parzen_per_class=False)
-        labels = torch.arange(10).repeat_interleave(100)
-        mean, stderr, sigma = cgan.train.parzen_estimate(FixedSamples(centres, classes=10), (valid, labels[:300]),
-                                                         (test, labels[:400]), args, CPU)
+    mean, stderr, sigma = estimate(folder, centres, valid, test, parzen_valid=300)
     # the validation images were drawn with sigmas[3], the test images with sigmas[7]
     assert sigma == sigmas[3]
     log_p = gan.train.parzen_log_likelihoods(test, centres, [sigmas[3]])[0]
     assert mean == pytest.approx(log_p.mean().item(), rel=1e-9)
-    # official code, parzen_ll.py: numpy's std (ddof 0) over sqrt(n)
     assert stderr == pytest.approx(log_p.std(unbiased=False).item() / math.sqrt(400), rel=1e-9)
 
 
-def test_sigma_is_chosen_on_the_first_parzen_valid_validation_images_only():
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_sigma_is_chosen_on_the_first_parzen_valid_validation_images_only(folder):
     torch.manual_seed(0)
     sigmas = gan.train.SIGMAS
-    centres = torch.rand(100, 784) * 10
+    centres = torch.rand(1000, 784) * 10
     valid = torch.cat([points_around(centres, 50, sigmas[2]), points_around(centres, 500, sigmas[8])])
-    args = Namespace(seed=0, z_dim=100, parzen_samples=100, parzen_valid=50)
-    assert gan.train.parzen_estimate(FixedSamples(centres), valid, valid, args, CPU)[2] == sigmas[2]
+    assert estimate(folder, centres, valid, valid, parzen_valid=50)[2] == sigmas[2]
 
 
-def test_the_two_folders_share_the_parzen_estimator():
-    x, samples = torch.rand(6, 784), torch.rand(9, 784)
-    assert torch.equal(gan.train.parzen_log_likelihoods(x, samples, gan.train.SIGMAS),
-                       cgan.train.parzen_log_likelihoods(x, samples, cgan.train.SIGMAS))
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_samples_are_seeded_and_leave_the_training_random_streams_untouched(folder):
+    """--select-every scores G during training: its draws must not move the run's streams (exact resume)."""
+    torch.manual_seed(0)
+    valid = torch.rand(20, 1, 28, 28)
+    if folder == "simpleGAN":
+        G, data = gan.model.Generator(width=16), valid
+        args = Namespace(seed=3, z_dim=100, parzen_samples=50, parzen_valid=20)
+    else:  # G's dropout on: its masks come from the seeded stream too
+        G, data = cgan.model.Generator(), (valid, torch.arange(20) % 10)
+        args = Namespace(seed=3, z_dim=100, parzen_valid=20, sampling_dropout=True, parzen_per_class=False)
+    gan.support.seed_everything(1)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    first = FOLDERS[folder].train.parzen_estimate(G, data, data, args, CPU)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    torch.manual_seed(2)
+    assert FOLDERS[folder].train.parzen_estimate(G, data, data, args, CPU) == first  # from --seed alone
 
 
 def test_cgan_draws_1000_samples_per_class_with_G_dropout_on_by_default():
@@ -73,68 +147,24 @@ def test_cgan_draws_1000_samples_per_class_with_G_dropout_on_by_default():
     modes = []
     G.register_forward_hook(lambda module, inputs, output: modes.append((module.training, inputs[1].argmax(1))))
     args = cgan.train.build_parser().parse_args([])
+    assert args.parzen_per_class is False and args.sampling_dropout is True and args.select_every == 5
     samples, labels = cgan.train.draw_samples(G, args, CPU)
     assert samples.shape == (10_000, 1, 28, 28) and torch.equal(labels.bincount(), torch.full((10,), 1000))
     training, y = modes[-1]
     assert training and torch.equal(y, labels)  # dropout on; each sample drawn for its own label
-    again, _ = cgan.train.draw_samples(G, args, CPU)
-    assert torch.equal(samples, again)  # z and the masks come from --seed
     args.sampling_dropout = False
     cgan.train.draw_samples(G, args, CPU)
     assert not modes[-1][0]
 
 
-def test_cgan_fakes_are_judged_under_the_labels_G_drew_them_for():
-    torch.manual_seed(0)
-    G, D = cgan.model.Generator(), cgan.model.Discriminator()
-    made, judged = [], []
-    G.register_forward_hook(lambda module, inputs, output: made.append((output.detach(), inputs[1])))
-    D.register_forward_hook(lambda module, inputs, output: judged.append((inputs[0].detach(), inputs[1])))
-    opt_G, opt_D = (torch.optim.SGD(net.parameters(), 0.1) for net in (G, D))
-    x, y = torch.rand(8, 1, 28, 28), cgan.model.one_hot(torch.arange(8))
-    cgan.train.discriminator_step(G, D, opt_D, x, y, cgan.model.sample_z(8))
-    cgan.train.generator_step(G, D, opt_G, cgan.model.sample_z(8), y)
-    assert len(made) == 2
-    for fake, label in made:
-        scored = [y_D for x_D, y_D in judged if torch.equal(x_D, fake)]
-        assert len(scored) == 1 and torch.equal(scored[0], label)
-    # and the real images are judged under their own labels
-    assert any(torch.equal(x_D, x) and torch.equal(y_D, y) for x_D, y_D in judged)
-
-
-def test_simplegan_d_loss_scale_scales_D_objective():
-    torch.manual_seed(0)
-    G, D = gan.model.Generator(width=16), gan.model.Discriminator(width=8)
-    D.eval()  # no dropout: the two calls see the same D
-    x, z = torch.rand(6, 1, 28, 28), gan.model.sample_z(6)
-    full = gan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), 0.0), x, z)[0]
-    half = gan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), 0.0), x, z, scale=0.5)[0]
-    assert half.item() == pytest.approx(full.item() / 2)
-    assert gan.train.build_parser().parse_args([]).d_loss_scale == 1.0  # Alg. 1 ascends the objective unscaled
-
-
-def test_simplegan_simultaneous_step_takes_both_gradients_from_one_pass_at_the_old_weights():
-    torch.manual_seed(0)
-    G, D = gan.model.Generator(width=16), gan.model.Discriminator(width=8)
-    D.eval()  # deterministic D, so the expected gradients can be recomputed
-    x, z = torch.rand(6, 1, 28, 28), gan.model.sample_z(6)
-    G_old = [p.detach().clone() for p in G.parameters()]
-    D_old = [p.detach().clone() for p in D.parameters()]
-    # the gradients of each objective with respect to its own player's weights, both at the old weights
-    fake = G(z)
-    real_logits, fake_logits = D(x), D(fake)
-    ce = nn.functional.binary_cross_entropy_with_logits
-    loss_D = 0.5 * (ce(real_logits, torch.ones(6)) + ce(fake_logits, torch.zeros(6)))
-    loss_G = ce(fake_logits, torch.ones(6))
-    grads_D = torch.autograd.grad(loss_D, list(D.parameters()), retain_graph=True)
-    grads_G = torch.autograd.grad(loss_G, list(G.parameters()))
-    opt_G, opt_D = torch.optim.SGD(G.parameters(), 0.1), torch.optim.SGD(D.parameters(), 0.1)
-    gan.train.simultaneous_step(G, D, opt_G, opt_D, x, z, scale=0.5)
-    for new, old, grad in [*zip(G.parameters(), G_old, grads_G), *zip(D.parameters(), D_old, grads_D)]:
-        assert torch.allclose(new, old - 0.1 * grad, atol=1e-6)
-
-
-def test_simultaneous_update_needs_k_1(capsys):
-    with pytest.raises(SystemExit) as stopped:
-        gan.train.parse_args(["--simultaneous", "--k", "2"])
-    assert stopped.value.code == 2 and "--k" in capsys.readouterr().err
+def test_cgan_fits_one_window_to_all_samples_and_per_class_windows_on_request():
+    samples = torch.cat([torch.zeros(4, 3), torch.full((4, 3), 10.0)])
+    sample_labels = torch.tensor([0] * 4 + [1] * 4)
+    x, labels = torch.tensor([[0.0, 0, 0], [10.0, 10, 10], [0.0, 0, 0]]), torch.tensor([0, 1, 1])
+    on_sample = -3 * math.log(math.sqrt(2 * math.pi))
+    # §4.1's reading, log p(x): every point under the window of all 8 samples, half of which sit on it
+    pooled = cgan.train.log_likelihoods(x, labels, samples, sample_labels, [1.0], per_class=False)[0]
+    assert torch.allclose(pooled, torch.full((3,), on_sample - math.log(2), dtype=torch.float64), atol=1e-5)
+    # --parzen-per-class, log p(x|y): the third point sits on the class-0 samples but is judged by class 1's only
+    per_class = cgan.train.log_likelihoods(x, labels, samples, sample_labels, [1.0], per_class=True)[0]
+    assert per_class.tolist() == pytest.approx([on_sample, on_sample, on_sample - 300 / 2], rel=1e-6)

@@ -1,32 +1,37 @@
-"""WGAN/: the networks, Algorithm 1's invariants (clip after the update, fresh real batches,
-the critic schedule, RMSProp without momentum, fakes detached), and train.py run as a user runs it."""
+"""WGAN/: the official networks, Algorithm 1's losses by value and gradient, the clip after the update, RMSProp
+without momentum, the official code's critic schedule and length, and the loop's critic iterations in a run.
+What every folder shares (runs, resume, signals, bad flags) is in test_common.py."""
 import copy
-import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from conftest import ROOT, assert_clean_error, load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import load_checkpoint, load_folder, run_train, scalar_tags
 
 wgan = load_folder("WGAN")
-QUICK = ["--image-size", 32, "--width", 8, "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The networks here are tiny: one thread is fastest, and on a busy CPU more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # for the train.py processes
-        yield
-    torch.set_num_threads(threads)
+class LinearCritic(nn.Module):
+    """f_w(x) = w . x for each sample: every answer, and its gradient w.r.t. w (x itself), is known."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+class ConstantG(nn.Module):
+    """G(z) = the same learnable image for every z."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.image = nn.Parameter(image.clone())
+
+    def forward(self, z):
+        return self.image.expand(len(z), *self.image.shape)
 
 
 def small_models(channels=1):
@@ -35,24 +40,6 @@ def small_models(channels=1):
     G.apply(wgan.model.init_weights)
     D.apply(wgan.model.init_weights)
     return G, D
-
-
-def params(net):
-    return [p.detach().clone() for p in net.parameters()]
-
-
-def real_batch(n=8):
-    return torch.rand(n, 1, 32, 32) * 2 - 1
-
-
-def main_in_process(*args):
-    """train.main in this process (no interpreter start-up), leaving the signal handlers as they were."""
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        return wgan.train.main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -86,7 +73,7 @@ def test_official_architecture_at_64px():
 def test_no_sigmoid_in_the_critic_its_output_is_linear():
     _, D = small_models()
     assert not any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in D.modules())
-    x = real_batch()
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
     before = D(x).detach()
     with torch.no_grad():
         D.score.weight.mul_(-300)
@@ -96,63 +83,47 @@ def test_no_sigmoid_in_the_critic_its_output_is_linear():
     assert after.abs().max() > 1 and (after < 0).any() and (after > 0).any()
 
 
-def test_critic_step_clips_every_weight_into_the_box_even_from_outside_it():
+def test_losses_by_value_and_gradient_on_a_linear_critic():
+    torch.manual_seed(0)
+    w, image = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    G, D = ConstantG(image), LinearCritic(w)
+    x = torch.randn(6, 1, 4, 4)
+    # lines 5-6 with lr 0 and a clip far outside w: the loss and gradient before any update
+    loss, estimate = wgan.train.critic_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x, torch.zeros(6, 1), 1e9)
+    # the estimate E[f_w(x)] - E[f_w(G(z))] = w . (mean x - G's image); the critic descends its negative
+    assert torch.allclose(estimate, (w * (x.mean(0) - image)).sum(), atol=1e-6)
+    assert torch.equal(loss, -estimate)
+    # line 5: g_w = grad_w of the estimate; the loss's gradient is its negative, G's image - mean x
+    assert torch.allclose(D.w.grad, image - x.mean(0), atol=1e-6)
+    assert G.image.grad is None  # G held fixed: the fakes carry no graph
+
+    D.w.grad = None
+    # line 10: G descends -E[f_w(G(z))] = -w . image, whose gradient w.r.t. the image is -w
+    loss_G = wgan.train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(6, 1))
+    assert torch.allclose(loss_G, -(w * image).sum(), atol=1e-6)
+    assert torch.allclose(G.image.grad, -w)
+    assert D.w.grad is None and D.w.requires_grad  # the critic held fixed, and trainable again afterwards
+
+
+def test_clip_puts_every_critic_weight_in_the_box_after_the_rmsprop_step():
     G, D = small_models()
     with torch.no_grad():
         for i, w in enumerate(D.parameters()):
-            w.fill_(0.5 if i % 2 else -0.7)  # every critic parameter starts outside [-c, c]
-    opt_D = wgan.train.rmsprop(D.parameters(), 5e-5)
-    wgan.train.critic_step(G, D, opt_D, real_batch(), wgan.model.sample_z(8), clip=0.01)
-    for name, w in D.named_parameters():
-        assert w.abs().max() <= 0.01, name
-    assert any(w.abs().max() == 0.01 for w in D.parameters())
-
-
-def test_clip_comes_after_the_optimiser_step():
-    G, D = small_models()
+            w.fill_(0.5 if i % 2 else -0.7)  # every critic parameter, batch norm's included, outside [-c, c]
     reference = copy.deepcopy(D)
-    x, z = real_batch(), wgan.model.sample_z(8)
-    # lr 1: one RMSProp step moves each weight by up to 10, far outside the box
-    opt_D = wgan.train.rmsprop(D.parameters(), 1.0)
-    wgan.train.critic_step(G, D, opt_D, x, z, clip=0.01)
-    assert all(w.abs().max() <= 0.01 for w in D.parameters())
+    x, z = torch.rand(8, 1, 32, 32) * 2 - 1, wgan.model.sample_z(8)
+    # lr 1: one RMSProp step moves each weight by up to 10
+    wgan.train.critic_step(G, D, wgan.train.rmsprop(D.parameters(), 1.0), x, z, clip=0.01)
 
-    # the same step by hand: gradient of -(E[D(x)] - E[D(G(z))]), RMSProp step, then clamp
-    opt_reference = torch.optim.RMSprop(reference.parameters(), lr=1.0)
+    # line 7 after line 6: the same RMSProp step by hand, then the clamp
     with torch.no_grad():
         fake = G(z)
-    (-(reference(x).mean() - reference(fake).mean())).backward()
-    opt_reference.step()
-    stepped = params(reference)
-    assert any(w.abs().max() > 0.01 for w in stepped)  # unclipped, the step leaves the box
-    for w, expected in zip(D.parameters(), stepped):
-        assert torch.equal(w.detach(), expected.clamp(-0.01, 0.01))
-
-
-def test_critic_step_returns_the_wasserstein_estimate_and_its_loss():
-    G, D = small_models()
-    x, z = real_batch(), wgan.model.sample_z(8)
-    with torch.no_grad():
-        expected = D(x).mean() - D(G(z)).mean()
-    loss, estimate = wgan.train.critic_step(G, D, wgan.train.rmsprop(D.parameters(), 5e-5), x, z, clip=0.01)
-    assert torch.allclose(estimate, expected) and torch.equal(loss, -estimate)
-
-
-def test_critic_step_leaves_G_unchanged_and_G_step_leaves_the_critic_unchanged():
-    G, D = small_models()
-    opt_G, opt_D = wgan.train.rmsprop(G.parameters(), 5e-5), wgan.train.rmsprop(D.parameters(), 5e-5)
-    G_before, D_before = params(G), params(D)
-    wgan.train.critic_step(G, D, opt_D, real_batch(), wgan.model.sample_z(8), clip=0.01)
-    assert all(torch.equal(a, b) for a, b in zip(G_before, params(G)))
-    assert not all(torch.equal(a, b) for a, b in zip(D_before, params(D)))
-    assert all(p.grad is None for p in G.parameters())  # the fakes were detached
-
-    D_before, D_grads = params(D), [p.grad.clone() for p in D.parameters()]
-    wgan.train.generator_step(G, D, opt_G, wgan.model.sample_z(8))
-    assert all(torch.equal(a, b) for a, b in zip(D_before, params(D)))
-    assert all(torch.equal(a, p.grad) for a, p in zip(D_grads, D.parameters()))  # no gradient reached the critic
-    assert not all(torch.equal(a, b) for a, b in zip(G_before, params(G)))
-    assert all(p.requires_grad for p in D.parameters())  # the critic is trainable again afterwards
+    (reference(fake).mean() - reference(x).mean()).backward()
+    torch.optim.RMSprop(reference.parameters(), lr=1.0).step()
+    for (name, w), stepped in zip(D.named_parameters(), reference.parameters()):
+        assert w.abs().max() <= 0.01, name
+        assert torch.equal(w.detach(), stepped.detach().clamp(-0.01, 0.01)), name
+    assert any(w.abs().max() > 0.01 for w in reference.parameters())  # unclipped, the step leaves the box
 
 
 def test_rmsprop_has_no_momentum():
@@ -179,148 +150,26 @@ def test_default_length_is_25_epochs_of_critic_batches():
     assert wgan.train.default_iterations(100, 5, False) == 25 * 100 // 5
 
 
-def test_z_is_standard_normal():
+def test_z_is_standard_normal_and_pixels_are_scaled_to_tanh_range():
     z = wgan.model.sample_z(20000)
     assert z.shape == (20000, 100)
     assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
+    x = next(wgan.dataset.batches(pixels, 3, "cpu", seed=0))
+    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
 
 
-@pytest.mark.parametrize("flags, per_step", [
-    (["--n-critic", 3, "--no-critic-warmup", "--max-steps", 3], [3, 3, 3]),
-    (["--n-critic", 3, "--max-steps", 2], [100, 100]),  # the official warm-up schedule
-])
-def test_main_loop_draws_a_fresh_real_batch_for_every_critic_iteration(mnist_root, tmp_path, monkeypatch, flags,
-                                                                       per_step):
-    events, real = [], []
-    critic_step, generator_step = wgan.train.critic_step, wgan.train.generator_step
-
-    def recording_critic_step(G, D, opt_D, x, z, clip):
-        events.append("D")
-        real.append(x.clone())
-        return critic_step(G, D, opt_D, x, z, clip)
-
-    def recording_generator_step(G, D, opt_G, z):
-        events.append("G")
-        return generator_step(G, D, opt_G, z)
-
-    monkeypatch.setattr(wgan.train, "critic_step", recording_critic_step)
-    monkeypatch.setattr(wgan.train, "generator_step", recording_generator_step)
-    code = main_in_process("--dataset", "mnist", "--data-root", mnist_root, "--batch-size", 4,
-                           "--out", tmp_path / "run", *QUICK, *flags)
-    assert code == 0
-    assert events == [e for n in per_step for e in ["D"] * n + ["G"]]
-    # each critic iteration got the next batch of the data, never one it had seen before
-    batches = wgan.dataset.Batches(wgan.dataset.load_images("mnist", mnist_root, 32), 4, "cpu", seed=0)
-    assert all(torch.equal(x, next(batches)) for x in real)
-    assert len({x.numpy().tobytes() for x in real}) == len(real) == sum(per_step)
-
-
-def test_smoke_run_then_resume(mnist_root, tmp_path):
+def test_run_draws_a_real_batch_per_critic_iteration_and_keeps_the_clip(mnist_root, tmp_path):
     run = tmp_path / "run"
-    result = run_train("WGAN", "--dataset", "mnist", "--data-root", mnist_root, "--max-steps", 2, "--batch-size", 4,
-                       "--no-critic-warmup", "--sample-every", 1, "--out", run, *QUICK)
+    result = run_train("WGAN", "--dataset", "mnist", "--data-root", mnist_root, "--image-size", 32, "--width", 8,
+                       "--batch-size", 4, "--n-critic", 3, "--no-critic-warmup", "--max-steps", 2, "--log-every", 1,
+                       "--device", "cpu", "--out", run)
     assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(run)
+    assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 3}  # n_critic fresh real batches per G step
+    assert all(v.abs().max() <= 0.01 for k, v in checkpoint["D"].items() if k.endswith(("weight", "bias")))
+    assert all(set(s) == {"step", "square_avg"} for s in checkpoint["opt_D"]["state"].values())  # no momentum
     tags = scalar_tags(run)
-    assert {"wasserstein/estimate", "loss/D", "loss/G"} <= set(tags)
     assert [s for s, _ in tags["wasserstein/estimate"]] == [1, 2]
     for (_, w), (_, loss_D) in zip(tags["wasserstein/estimate"], tags["loss/D"]):
         assert w == pytest.approx(-loss_D)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000001.png", "step_0000002.png"]
-    assert Image.open(run / "progress.gif").n_frames == 2
-    args = json.loads((run / "args.json").read_text())
-    settings = {k: args[k] for k in ("dataset", "batch_size", "lr", "clip", "n_critic")}
-    assert settings == {"dataset": "mnist", "batch_size": 4, "lr": 5e-5, "clip": 0.01, "n_critic": 5}
-    n_images = len(wgan.dataset.load_images("mnist", mnist_root, 32))  # 60,000, or the tiny stand-in's 600
-    assert args["critic_warmup"] is False and args["iters"] == 25 * (n_images // 4) // 5
-    checkpoint = load_checkpoint(run)
-    assert checkpoint["step"] == 2 and {"G", "D", "opt_G", "opt_D", "rng", "fixed_z", "batches"} <= set(checkpoint)
-    assert checkpoint["batches"] == {"epoch": 0, "index": 10}  # 2 steps x 5 critic iterations, one batch each
-    assert all(v.abs().max() <= 0.01 for k, v in checkpoint["D"].items() if k.endswith(("weight", "bias")))
-    opt_D = checkpoint["opt_D"]
-    assert opt_D["param_groups"][0]["momentum"] == 0
-    assert all(set(s) == {"step", "square_avg"} for s in opt_D["state"].values())  # no momentum buffer
-
-    result = run_train("WGAN", "--resume", run, "--max-steps", 3)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = load_checkpoint(run)
-    assert resumed["step"] == 3 and resumed["batches"] == {"epoch": 0, "index": 15}
-    assert json.loads((run / "args.json").read_text())["critic_warmup"] is False  # the run's own configuration
-    assert torch.equal(resumed["fixed_z"], checkpoint["fixed_z"])
-    assert len(list((run / "samples").iterdir())) == 3
-    assert max(s for s, _ in scalar_tags(run)["wasserstein/estimate"]) == 3
-
-    sample = [sys.executable, "model.py", str(run), "--num", "10", "--device", "cpu"]
-    subprocess.run([*sample, "--out", str(tmp_path / "grid.png")], cwd=ROOT / "WGAN", check=True)
-    assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 4 per row, 2 px padding
-    assert_clean_error(run_train("WGAN", "--resume", run, "--clip", "0.1"), "clip")  # its own configuration
-
-
-def test_resumed_run_matches_uninterrupted_run(mnist_root, tmp_path):
-    common = ["--dataset", "mnist", "--data-root", mnist_root, "--batch-size", 8, "--n-critic", 3,
-              "--no-critic-warmup", *QUICK]
-    assert main_in_process(*common, "--max-steps", 4, "--out", tmp_path / "straight") == 0
-    assert main_in_process(*common, "--max-steps", 2, "--out", tmp_path / "split") == 0
-    assert main_in_process("--resume", tmp_path / "split", "--max-steps", 4) == 0
-    straight, split = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
-    for net in ("G", "D"):
-        for name, value in straight[net].items():
-            assert torch.equal(value, split[net][name]), (net, name)
-    assert scalar_tags(tmp_path / "straight")["wasserstein/estimate"] == scalar_tags(tmp_path / "split")[
-        "wasserstein/estimate"]
-
-
-def test_sigterm_writes_a_checkpoint_that_resumes(mnist_root, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    generator_step = wgan.train.generator_step
-
-    def terminated_at_step_2(G, D, opt_G, z):
-        loss = generator_step(G, D, opt_G, z)
-        if opt_G.state[next(iter(G.parameters()))]["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of generator step 2
-        return loss
-
-    monkeypatch.setattr(wgan.train, "generator_step", terminated_at_step_2)
-    code = main_in_process("--dataset", "mnist", "--data-root", mnist_root, "--batch-size", 4, "--n-critic", 2,
-                           "--no-critic-warmup", "--out", run, *QUICK)
-    assert code == 128 + signal.SIGTERM
-    assert load_checkpoint(run)["step"] == 2
-    monkeypatch.setattr(wgan.train, "generator_step", generator_step)
-    assert main_in_process("--resume", run, "--max-steps", 3) == 0 and load_checkpoint(run)["step"] == 3
-
-
-def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys):
-    run = tmp_path / "run"
-    # RMSProp moves every weight by about 10 lr in the first step: at lr 1e30, G's activations overflow
-    with pytest.raises(SystemExit) as stopped:
-        main_in_process("--dataset", "mnist", "--data-root", mnist_root, "--lr", 1e30, "--max-steps", 20,
-                        "--batch-size", 4, "--no-critic-warmup", "--checkpoint-every", 1, "--out", run, *QUICK)
-    message = capsys.readouterr().err
-    assert stopped.value.code == 1 and "NaN or Inf at step" in message
-    bad_step = int(message.split("at step ")[1].split(";")[0])
-    checkpoint = load_checkpoint(run)
-    assert bad_step > 1 and checkpoint["step"] == bad_step - 1
-    assert all(torch.isfinite(v).all() for net in ("G", "D") for v in checkpoint[net].values() if v.is_floating_point())
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--clip", "-0.01"], ["--clip"]),
-    (["--n-critic", "0"], ["--n-critic"]),
-])
-def test_bad_flags_exit_2_without_traceback(flags, words):
-    assert_clean_error(run_train("WGAN", *flags, "--device", "cpu"), *words)
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--clip", "0"], ["--clip"]),
-    (["--lr", "-1"], ["--lr"]),
-    (["--iters", "0"], ["--iters"]),
-    (["--resume", "/nonexistent/run"], ["no checkpoint"]),
-    (["--dataset", "cifar10", "--data-root", "EMPTY"], ["cifar10", "cifar-10-batches-py", "--data-root"]),
-])
-def test_bad_input_exits_2_naming_the_problem(flags, words, tmp_path, capsys):
-    flags = [str(tmp_path / "empty") if flag == "EMPTY" else flag for flag in flags]
-    with pytest.raises(SystemExit) as stopped:
-        main_in_process(*flags, "--device", "cpu", "--out", tmp_path / "run")
-    assert stopped.value.code == 2
-    message = capsys.readouterr().err
-    assert "error:" in message and all(word in message for word in words), message

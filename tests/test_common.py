@@ -1,0 +1,143 @@
+"""What every folder shares, tested once for all seven: a run's outputs, SIGTERM, exact resume, the sampling
+command, the stop on NaN, and the one-line errors of bad flags, missing data and a changed configuration.
+
+Each folder gets one interrupted run (SIGTERM after step 2, then --resume) and one uninterrupted run of the
+same length; most tests below read those two. Runs are tiny (conftest.QUICK).
+"""
+import json
+from collections import namedtuple
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (D_STEP, FOLDERS, QUICK, assert_same_networks, exits_2, load_checkpoint, load_folder,
+                      main_with_poisoned_loss, run_main, scalar_tags, sigterm_then_resume)
+
+# d_per_g: D (critic) steps per generator step under QUICK; own_flag: a flag of the paper that --resume must
+# refuse to change; data_files: what the default data set's error names; image_size: under QUICK; sampling:
+# model.py's flags for a plain grid of --num images.
+Paper = namedtuple("Paper", "d_per_g own_flag data_files image_size sampling")
+MNIST_FILES, CIFAR_FILES = "MNIST/raw/train-images-idx3-ubyte", "cifar-10-batches-py"
+PAPERS = {
+    "simpleGAN": Paper(1, ["--k", 2], MNIST_FILES, 28, []),
+    "CGAN": Paper(1, ["--dropout", 0.2], MNIST_FILES, 28, ["--digit", 7]),
+    "DCGAN": Paper(1, ["--beta1", 0.9], CIFAR_FILES, 32, []),
+    "WGAN": Paper(2, ["--clip", 0.1], CIFAR_FILES, 32, []),
+    "WGAN-GP": Paper(2, ["--lambda-gp", 5], CIFAR_FILES, 32, []),
+    "LSGAN": Paper(1, ["--coding", "pearson"], CIFAR_FILES, 32, []),
+    "SN-DCGAN": Paper(1, ["--setting", "C"], CIFAR_FILES, 32, []),
+}
+
+
+@pytest.fixture(scope="module", params=FOLDERS)
+def runs(request, mnist_root, tmp_path_factory):
+    """A run stopped by SIGTERM after step 2 (or 3) and resumed for 2 more steps, and an uninterrupted run of the
+    same length with the same flags (in this process: no interpreter start-up)."""
+    folder, base = request.param, tmp_path_factory.mktemp(request.param)
+    flags = [*QUICK[folder], "--data-root", mnist_root, "--log-every", 1]
+    steps = sigterm_then_resume(folder, base / "split", *flags, more=2) + 2
+    gan = load_folder(folder)
+    assert run_main(gan.train, *flags, "--sample-every", 1, "--max-steps", steps, "--out", base / "straight") == 0
+    return SimpleNamespace(folder=folder, gan=gan, paper=PAPERS[folder], steps=steps,
+                           split=base / "split", straight=base / "straight")
+
+
+def test_a_run_writes_every_output_and_resume_continues_them(runs):
+    run, steps = runs.split, runs.steps
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_{s:07d}.png" for s in range(1, steps + 1)]
+    assert 1 <= Image.open(run / "progress.gif").n_frames <= steps  # the writer merges identical neighbours
+    tags = scalar_tags(run)
+    for tag in ("loss/D", "loss/G"):  # the steps before the signal are kept, the resumed ones follow them
+        assert [step for step, _ in tags[tag]] == list(range(1, steps + 1)), tag
+    checkpoint = load_checkpoint(run)
+    assert (checkpoint["folder"], checkpoint["format"], checkpoint["step"]) == (
+        runs.folder, runs.gan.support.FORMAT, steps)
+    assert {"G", "D", "opt_G", "opt_D", "rng", "fixed_z", "batches", "args"} <= set(checkpoint)
+    args = json.loads((run / "args.json").read_text())
+    assert args == json.loads(json.dumps(checkpoint["args"])) and args["max_steps"] == steps
+    quick = QUICK[runs.folder]
+    assert args["batch_size"] == quick[quick.index("--batch-size") + 1]  # the run's own configuration
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(runs):
+    split, straight = load_checkpoint(runs.split), load_checkpoint(runs.straight)
+    assert_same_networks(split, straight)
+    assert torch.equal(split["fixed_z"], straight["fixed_z"]) and split["batches"] == straight["batches"]
+    split_tags, straight_tags = scalar_tags(runs.split), scalar_tags(runs.straight)
+    assert split_tags["loss/D"] == straight_tags["loss/D"] and split_tags["loss/G"] == straight_tags["loss/G"]
+
+
+def test_the_sampling_command_writes_a_grid_and_single_images(runs, tmp_path):
+    sample = [runs.straight, "--num", 10, "--device", "cpu", *runs.paper.sampling]
+    assert run_main(runs.gan.model, *sample, "--out", tmp_path / "grid.png") == 0
+    cell = runs.paper.image_size + 2
+    assert Image.open(tmp_path / "grid.png").size == (4 * cell + 2, 3 * cell + 2)  # 4 per row, 2 px padding
+    assert run_main(runs.gan.model, *sample, "--out", tmp_path / "single", "--single") == 0
+    assert len(list((tmp_path / "single").glob("*.png"))) == 10
+
+
+def test_resume_refuses_to_change_the_configuration(runs, capsys):
+    before = (runs.split / "checkpoints" / "last.pt").read_bytes(), (runs.split / "args.json").read_text()
+    flag, value = runs.paper.own_flag
+    assert f"{flag} cannot change" in exits_2(capsys, runs.gan.train, "--resume", runs.split, flag, value)
+    assert "--lr cannot change" in exits_2(capsys, runs.gan.train, "--resume", runs.split, "--lr", 0.5)
+    assert ((runs.split / "checkpoints" / "last.pt").read_bytes(), (runs.split / "args.json").read_text()) == before
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(folder, mnist_root, tmp_path, capsys):
+    paper, run = PAPERS[folder], tmp_path / "run"
+    # D's loss is made Inf in the last D step of generator step 3, whose loss is the one logged
+    code = main_with_poisoned_loss(load_folder(folder).train, D_STEP[folder], 3 * paper.d_per_g, *QUICK[folder],
+                                   "--data-root", mnist_root, "--max-steps", 10, "--log-every", 1,
+                                   "--checkpoint-every", 1, "--out", run)
+    err = capsys.readouterr().err
+    assert code == 1 and "NaN or Inf at step 3;" in err and "Traceback" not in err, err
+    checkpoint = load_checkpoint(run)
+    assert checkpoint["step"] == 2
+    assert all(value.isfinite().all() for net in ("G", "D") for value in checkpoint[net].values()
+               if value.is_floating_point())
+
+
+# Flags that name files or folders (their faults are in test_faults.py), and integer flags for which 0 means off.
+PATH_FLAGS = {"data_root", "out", "resume", "evaluate", "cache_dir", "inception_weights", "lsun_classes"}
+ZERO_MEANS_OFF = {"select_every", "seed"}
+
+
+def bad_values(action):
+    """Values outside a flag's domain, from its type and default."""
+    if action.choices is not None:
+        return ["no-such-choice"]
+    if action.type is int:
+        extra = [str(2 ** 32)] if action.dest == "seed" else [] if action.dest in ZERO_MEANS_OFF else ["0"]
+        return ["-1", "2.5", "many", *extra]
+    if action.type is float:
+        return ["-1", "nan", "inf", "-inf", "ten"]
+    return []
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_bad_flags_exit_2_in_one_line_and_create_nothing(folder, mnist_root, tmp_path, capsys):
+    """Every numeric or choice flag refuses the values outside its domain (found from the parser), and so do an
+    unwritable --out and a batch larger than the data set."""
+    train = load_folder(folder).train
+    cases = [([action.option_strings[0], value], action.option_strings[0]) for action in train.build_parser()._actions
+             if action.option_strings and action.dest not in PATH_FLAGS for value in bad_values(action)]
+    assert len(cases) >= 20  # the table is generated from the parser: it did not come out empty
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cases += [(["--out", blocker / "run"], f"--out {blocker / 'run'}: {blocker} is not a folder"),
+              ([*QUICK[folder], "--data-root", mnist_root, "--batch-size", 10 ** 6], "--batch-size 1000000")]
+    for flags, words in cases:
+        assert words in exits_2(capsys, train, "--device", "cpu", "--out", tmp_path / "run", *flags), flags
+    assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_missing_data_offline_exits_2_naming_the_files(folder, tmp_path, capsys, offline):
+    err = exits_2(capsys, load_folder(folder).train, "--data-root", tmp_path / "empty", "--device", "cpu",
+                  "--out", tmp_path / "run")
+    assert PAPERS[folder].data_files in err and "--data-root" in err, err
+    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the data root
