@@ -33,8 +33,8 @@ PAPERS = {
 
 @pytest.fixture(scope="module", params=FOLDERS)
 def runs(request, mnist_root, tmp_path_factory):
-    """A run stopped by SIGTERM after step 2 (or 3) and resumed for 2 more steps, and an uninterrupted run of the
-    same length with the same flags (in this process: no interpreter start-up)."""
+    """A run stopped by SIGTERM after step 2 (or a little later) and resumed for 2 more steps, and an uninterrupted
+    run of the same length with the same flags (in this process: no interpreter start-up)."""
     folder, base = request.param, tmp_path_factory.mktemp(request.param)
     flags = [*QUICK[folder], "--data-root", mnist_root, "--log-every", 1]
     steps = sigterm_then_resume(folder, base / "split", *flags, more=2) + 2
