@@ -10,7 +10,6 @@ their initialisation, and sampling from a checkpoint.
 y ... by feeding y into both the discriminator and generator as additional input layer".
 Here y is the class label of an MNIST digit, one-hot in 10 dimensions (§4.1).
 """
-import argparse
 import math
 import sys
 
@@ -139,7 +138,7 @@ def main(argv=None):
                                               "grid (default 10)")
     parser.add_argument("--digit", type=int, default=None,
                         help="draw only this class (0-9); default: one row per digit, 0 to 9")
-    parser.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--sampling-dropout", action=support.ON_OFF, default=True,
                         help="keep G's dropout on, as in training and in train.py's grids and --evaluate "
                              "(default: on; --no-sampling-dropout samples in eval mode)")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)

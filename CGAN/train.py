@@ -14,10 +14,8 @@ with SGD (§4.1): m = 100, lr 0.1 divided by 1.00004 every step down to 1e-6, mo
     python train.py --resume runs/RUN                 # continue a run exactly where it stopped
     python train.py --evaluate runs/RUN               # the paper's Parzen-window log-likelihood (Table 1)
 """
-import argparse
 import math
 import sys
-import time
 
 import numpy as np
 import torch
@@ -214,13 +212,12 @@ def evaluate(args, checkpoint, device):
         valid, test = evaluation_data(args, device)
     except DataError as error:
         support.fail(error)
-    started = time.perf_counter()
     mean, stderr, sigma = parzen_estimate(G.to(device), valid, test, args, device)
     best, dropout = checkpoint["best"], "on" if args.sampling_dropout else "off"
     selected = f", selected on validation (log-likelihood {best['score']:.2f})" if best else ""
     print(f"{support.checkpoint_path(args.evaluate, 'auto')}: step {checkpoint['step']}{selected}; {len(test[0])} "
           f"test images; {SAMPLES_PER_CLASS} samples per class, G's dropout {dropout}, "
-          f"{'one window per class' if args.parzen_per_class else 'one window'}; {time.perf_counter() - started:.1f} s")
+          f"{'one window per class' if args.parzen_per_class else 'one window'}")
     print(f"Parzen log-likelihood: {mean:.2f} ± {stderr:.2f} (sigma={sigma:.4g})")
     return 0
 
@@ -264,7 +261,7 @@ def build_parser():
                    help="print the Parzen-window log-likelihood of the test set (§4.1, Table 1) and exit; a run "
                         "folder means its validation-selected checkpoints/best.pt, or last.pt if it kept none")
     p.add_argument("--evaluate-at-end", action="store_true", help="the same evaluation when training ends")
-    p.add_argument("--sampling-dropout", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--sampling-dropout", action=support.ON_OFF, default=True,
                    help="draw samples (grids, Parzen window) with G's dropout on, as D saw G's samples in training; "
                         "the GAN paper (§5) treats such dropout as G's noise, and the official GAN code's "
                         "IntrinsicDropoutGenerator keeps it on when sampling. --no-sampling-dropout: eval mode")

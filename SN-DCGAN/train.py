@@ -105,7 +105,7 @@ def main(argv=None):
     except DataError as error:
         support.fail(error)
 
-    G = G.to(device)
+    G.to(device)
     # Table 3; Alg. 1: u initialised for every layer of D
     D = Discriminator(args.image_size, args.channels, args.width).to(device)
     # §4.1: "we used the Adam optimizer ... in all of our experiments", with Table 1's alpha, beta1, beta2

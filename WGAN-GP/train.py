@@ -92,7 +92,7 @@ def main(argv=None):
     except DataError as error:
         support.fail(error)
 
-    G = G.to(device)
+    G.to(device)
     D = Critic(args.image_size, args.channels, args.width).to(device)
     G.apply(init_weights)
     D.apply(init_weights)

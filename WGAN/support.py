@@ -76,6 +76,9 @@ class FlagParser(argparse.ArgumentParser):
         fail(message)
 
 
+ON_OFF = argparse.BooleanOptionalAction  # a switch with its --no- form: --compile / --no-compile
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -195,12 +198,6 @@ def save_checkpoint(path, state):
         write_atomically(path, buffer.getbuffer())
 
 
-def run_folder(checkpoint):
-    """The run folder of a checkpoint: RUN for RUN/checkpoints/last.pt, else the checkpoint's own folder."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 # ---- the run's configuration ----
 
 # Flags defined here that --resume may change: where things are and how fast, never what is computed.
@@ -222,6 +219,7 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
         name, allowed = ("--resume", RESUMABLE | set(resumable)) if args.resume else \
             ("--evaluate", EVALUABLE | set(evaluable))
         path = checkpoint_path(args.resume or evaluate, "last" if args.resume else "auto")
+        run_folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         try:
             checkpoint = read_checkpoint(path, folder)
         except CheckpointError as error:
@@ -233,7 +231,7 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
             parser.error(f"{name} uses the run's own configuration; {', '.join(changed)} cannot change (allowed: "
                          f"{', '.join(flag(key) for key in sorted(allowed & set(vars(args))))})")
         args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
-                                     "evaluate": evaluate, "out": str(run_folder(path))})
+                                     "evaluate": evaluate, "out": str(run_folder)})
     check_run_flags(parser, args)
     check(parser, args)
     return args, checkpoint
@@ -320,11 +318,11 @@ def add_speed_flags(p):
                    help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
                         "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
                         "state stay float32. Part of the run's configuration: --resume keeps it")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--channels-last", action=ON_OFF, default=False,
                    help="keep the convolutions' weights, and so their activations, in channels-last memory layout "
                         "(off: PyTorch's default layout); the arithmetic and the checkpoint are the same, the speed "
                         "depends on the hardware (see the top-level README). --resume may turn it on or off")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compile", action=ON_OFF, default=False,
                    help="torch.compile the networks in place (off: eager PyTorch, as the papers' code ran); the "
                         "checkpoint does not change. --resume may turn it on or off; the resumed run then matches "
                         "an uninterrupted one only up to rounding")
@@ -371,20 +369,6 @@ def bf16_forward(net, device_type):
 
 # ---- the training run ----
 
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, write the checkpoint, stop. A second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.signal = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-
 class Run:
     """One training run: its folder, step counter, scalars, fixed-noise grids, checkpoints (every
     --checkpoint-every steps, at the end, and on Ctrl-C or SIGTERM), the best checkpoint by `metric`, and the
@@ -423,7 +407,10 @@ class Run:
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
         speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last, compiled)
-        self.stop = StopRequest()
+        # Ctrl-C or SIGTERM: finish the step, write the checkpoint, stop (see stop); a second Ctrl-C quits at once
+        self.stopped_by = None
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
         # the first step whose scalars were not finite, kept on the device: no host sync per step
         self.device = fixed_z.device
         self.first_bad_step = torch.tensor(-1, device=self.device)
@@ -435,8 +422,13 @@ class Run:
         self.progress = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                              file=sys.stdout)
 
+    def stop(self, signum, frame):
+        if self.stopped_by is not None:
+            raise KeyboardInterrupt
+        self.stopped_by = signum
+
     def running(self):
-        if (self.total is None or self.step < self.total) and self.stop.signal is None:
+        if (self.total is None or self.step < self.total) and self.stopped_by is None:
             return True
         self.progress.close()
         return False
@@ -535,11 +527,6 @@ class Run:
             if stale:
                 save_checkpoint(path, checkpoint)
 
-    @property
-    def stopped_by(self):
-        """The signal (SIGINT, SIGTERM) that stopped the run, or None."""
-        return self.stop.signal
-
     def finish(self):
         """The last checkpoint and the progress animation; returns the exit code (128 + signal if stopped)."""
         self.progress.close()
@@ -549,10 +536,10 @@ class Run:
             write_gif(self.out / "samples", self.out / "progress.gif")
         with writing(self.out):
             self.writer.close()
-        if self.stop.signal is not None:
-            print(f"stopped by {signal.Signals(self.stop.signal).name} at step {self.step}; continue with: "
+        if self.stopped_by is not None:
+            print(f"stopped by {signal.Signals(self.stopped_by).name} at step {self.step}; continue with: "
                   f"python train.py --resume {self.out}")
-            return 128 + self.stop.signal
+            return 128 + self.stopped_by
         print(f"done: step {self.step} of {self.total} in {(time.perf_counter() - self.started) / 60:.1f} min; "
               f"samples and checkpoint in {self.out}")
         return 0
@@ -595,9 +582,8 @@ def read_sampling_flags(parser, argv, folder):
         parser.error(f"--out {out} exists and is not an empty folder; --single needs a new or empty folder")
     if not args.single and out.exists():
         parser.error(f"--out {out} already exists; choose a new file name for the grid")
-    parent = next(p for p in out.parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: {parent} is not a writable folder")
+    if unwritable(out.parent):
+        parser.error(f"--out {out}: {unwritable(out.parent)}")
     try:
         checkpoint = read_checkpoint(checkpoint_path(args.run, args.checkpoint), folder)
     except CheckpointError as error:
@@ -652,12 +638,6 @@ def fidelity():
     return torch_fidelity
 
 
-def inception_weights_file():
-    """The file name under which torch-fidelity's Inception-v3 weights are downloaded and looked for."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    return URL_INCEPTION_V3, Path(URL_INCEPTION_V3).name
-
-
 def add_metric_flags(p):
     p.add_argument("--evaluate", default=None, metavar="RUN_OR_CHECKPOINT",
                    help="print the Inception Score, FID and KID of a trained G (a run folder's checkpoints/best.pt "
@@ -681,7 +661,7 @@ def add_metric_flags(p):
                         "Inception-v3 that the IS and FID reference code uses")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="a local copy of the feature extractor's weights (default: torch-fidelity downloads "
-                        f"{inception_weights_file()[1]} into torch's hub checkpoints folder at first use)")
+                        "its Inception-v3 weights into torch's hub checkpoints folder at first use)")
 
 
 def check_metric_args(parser, args):
@@ -701,7 +681,8 @@ def check_metric_args(parser, args):
 def check_feature_extractor(args, device):
     """Create the feature extractor once, downloading its weights at first use; exit 2 if that cannot be done."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-    url, name = inception_weights_file()
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
+    name = Path(url).name
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     if args.feature_extractor == "inception-v3-compat" and args.inception_weights is None \
             and not (folder / name).exists():
@@ -740,51 +721,29 @@ def real_images(args, training_images):
     return resize(data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous(), args.image_size)
 
 
-class RealImages(torch.utils.data.Dataset):
-    """The real images as torch-fidelity takes them: uint8 (3, H, W), a single channel repeated three times."""
-
-    def __init__(self, images):
-        self.images = images
-        self.progress = None
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices):
-        """A whole batch at once (the DataLoader's batched fetch), with a progress bar."""
-        if self.progress is None:
-            self.progress = tqdm(total=len(self), desc=f"embedding the {len(self)} real images (once)", unit="img",
-                                 leave=False, dynamic_ncols=True)
-        self.progress.update(len(indices))
-        images = self.images[indices]
-        return list(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
-
-
-class RealSet:
-    """The real images FID and KID compare against, and the name and folder of torch-fidelity's cache of their
-    features: keyed by data set, split, image size, image count and content, and the extractor's weights."""
+class RealSet(torch.utils.data.Dataset):
+    """The real images FID and KID compare against, as torch-fidelity takes them (uint8 (3, H, W), a single
+    channel repeated three times), and the name and folder of torch-fidelity's cache of their features: keyed
+    by data set, split, image size, image count and content, and the extractor's weights."""
 
     def __init__(self, args, training_images):
         try:
-            images = torch.as_tensor(real_images(args, training_images))
+            self.images = torch.as_tensor(real_images(args, training_images))
         except DataError as error:
             fail(error)
-        self.dataset = RealImages(images)
-        self.description = (f"the {len(images)} {args.eval_real} images of {args.dataset} at "
+        self.progress = None
+        self.description = (f"the {len(self)} {args.eval_real} images of {args.dataset} at "
                             f"{args.image_size}x{args.image_size}")
         content = hashlib.sha1()
-        for start in range(0, len(images), 4096):
-            content.update(images[start:start + 4096].contiguous().numpy())
+        for start in range(0, len(self), 4096):
+            content.update(self.images[start:start + 4096].contiguous().numpy())
         # torch-fidelity adds the extractor's name to the file names; its weights are identified here
         weights = (hashlib.sha256(Path(args.inception_weights).read_bytes()).hexdigest()[:8]
                    if args.inception_weights else "default")
-        self.cache_name = (f"{args.dataset}-{args.eval_real}-{args.image_size}px-{len(images)}-"
+        self.cache_name = (f"{args.dataset}-{args.eval_real}-{args.image_size}px-{len(self)}-"
                            f"{content.hexdigest()[:12]}-weights-{weights}")
         candidates = [Path(args.data_root) / ".fidelity-cache", Path(torch.hub.get_dir()).parent / "fidelity_cache"]
-        self.cache_root = next((folder for folder in candidates if writable(folder)), None)
+        self.cache_root = next((folder for folder in candidates if unwritable(folder) is None), None)
         if self.cache_root is None:
             tqdm.write("neither the data root nor torch's folder is writable: the real set's features will be "
                        "computed at every evaluation")
@@ -794,6 +753,22 @@ class RealSet:
 
     def cached(self, extractor):
         return self.cache_root is not None and any(self.cache_root.glob(f"{self.cache_name}-{extractor}-*"))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+    def __getitems__(self, indices):
+        """A whole batch at once (the DataLoader's batched fetch), with a progress bar."""
+        if self.progress is None:
+            self.progress = tqdm(total=len(self), desc=f"embedding the {len(self)} real images (once)", unit="img",
+                                 leave=False, dynamic_ncols=True)
+        self.progress.update(len(indices))
+        images = self.images[indices]
+        return list(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
 
 
 def samples_of(draw, z_dim, z_prior, device, progress):
@@ -822,20 +797,20 @@ def sample_metrics(draw, args, device, z_prior, real, num_samples):
     progress = tqdm(total=num_samples, desc=f"generating and embedding {num_samples} samples", unit="img",
                     leave=False, dynamic_ncols=True)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    kid_subset_size = min(KID_SUBSET_SIZE, num_samples, len(real.dataset))
+    kid_subset_size = min(KID_SUBSET_SIZE, num_samples, len(real))
     with rng_untouched(device), on_device:
         scores = tf.calculate_metrics(
             input1=samples_of(draw, args.z_dim, z_prior, device, progress), input1_model_num_samples=num_samples,
-            input2=real.dataset, input2_cache_name=real.cache_name, cache=real.cache_root is not None,
+            input2=real, input2_cache_name=real.cache_name, cache=real.cache_root is not None,
             cache_root=str(real.cache_root), isc=True, fid=True, kid=True, isc_splits=ISC_SPLITS,
             kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size,
             feature_extractor=args.feature_extractor, feature_extractor_weights_path=args.inception_weights,
             batch_size=EVAL_BATCH, cuda=device.type == "cuda", rng_seed=args.seed, save_cpu_ram=True,
             verbose=False)
     progress.close()
-    if real.dataset.progress is not None:
-        real.dataset.progress.close()
-        real.dataset.progress = None
+    if real.progress is not None:
+        real.progress.close()
+        real.progress = None
     return {"inception_score": scores[tf.KEY_METRIC_ISC_MEAN], "inception_score_std": scores[tf.KEY_METRIC_ISC_STD],
             "fid": scores[tf.KEY_METRIC_FID], "kid": scores[tf.KEY_METRIC_KID_MEAN],
             "kid_std": scores[tf.KEY_METRIC_KID_STD], "kid_subset_size": kid_subset_size}
@@ -845,7 +820,7 @@ def evaluate_checkpoint(args, checkpoint, G, draw, device, folder, z_prior, trai
     """--evaluate: IS, FID and KID of the checkpoint's G on --eval-samples samples; metrics.json in its run
     folder. `draw(z)` samples G in [-1, 1]; `training_images(args)` is the training set as uint8."""
     run = Path(args.out)
-    if not writable(run):
+    if unwritable(run):
         fail(f"cannot write metrics.json into the run folder {run}")
     check_feature_extractor(args, device)
     try:
@@ -863,11 +838,11 @@ def evaluate_checkpoint(args, checkpoint, G, draw, device, folder, z_prior, trai
     print(f"KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} ({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
     record = {"folder": folder, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
               "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
-              "real_split": args.eval_real, "real_images": len(real.dataset), **scores,
+              "real_split": args.eval_real, "real_images": len(real), **scores,
               "isc_splits": ISC_SPLITS, "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
               "feature_extractor": args.feature_extractor,
               "feature_extractor_weights": args.inception_weights or (
-                  inception_weights_file()[1] if args.feature_extractor == "inception-v3-compat" else "default"),
+                  "inception-v3-compat default" if args.feature_extractor == "inception-v3-compat" else "default"),
               "torch_fidelity": fidelity().__version__, "device": str(device)}
     with writing(run / "metrics.json"):
         write_atomically(run / "metrics.json", json.dumps(record, indent=2).encode())
@@ -1239,21 +1214,11 @@ def decode_once(what, home, identity, dataset, image_size, cache_dir, strict):
     return images
 
 
-def writable(folder):
-    """Whether `folder` can be created and written to."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-        return True
-    except OSError:
-        return False
-
-
 def cache_folder(home, cache_dir):
     """--cache-dir; else `home`, beside the data; else, when that is read-only, the user's cache folder."""
     if cache_dir is not None:
         return Path(cache_dir)
-    if writable(home):
+    if unwritable(home) is None:
         return home
     fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan-papers"
     print(f"note: {home} is not writable, so the decoded images are cached in {fallback} "
@@ -1398,8 +1363,9 @@ class Batches:
     resumed run draws exactly the batches the uninterrupted run would have. The incomplete last batch of an
     epoch is dropped. `data_on` says where the uint8 set is kept (choose_place): on the device, where each
     batch is gathered; or in host memory or mapped from a file on disk, where each batch is gathered on the
-    host in the same order and copied to the device one batch ahead (from pinned memory on a side stream,
-    with CUDA). Every place gives the same batches; `placement` says which was chosen and why.
+    host in the same order, one batch ahead in a background thread, and copied to the device (from pinned
+    memory, without blocking the host, with CUDA). Every place gives the same batches; `placement` says which
+    was chosen and why.
     """
 
     def __init__(self, images, batch_size, device, seed, scale, data_on="device", labels=None):
@@ -1417,7 +1383,7 @@ class Batches:
         self.per_epoch = len(images) // batch_size
         self.epoch, self.index = 0, 0
         self.orders = {}
-        self.fetcher, self.ahead = None, None
+        self.ahead, self.gatherer = None, None
 
     def __next__(self):
         if self.index == self.per_epoch:
@@ -1438,64 +1404,28 @@ class Batches:
         return self.orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
 
     def fetched(self, position):
-        """Batch `position` from host memory or disk, on the device; the batch after it is set going."""
-        if self.fetcher is None:
-            self.fetcher = Fetcher(self.images, self.batch_size, self.device)
+        """Batch `position` gathered on the host (in a background thread, one batch ahead) and copied to the
+        device; with CUDA from pinned memory, without blocking the host."""
+        if self.gatherer is None:
+            self.gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         if self.ahead is not None and self.ahead[0] == position:
-            batch = self.fetcher.arrived(self.ahead[1])
+            batch = self.ahead[1].result()
         else:
-            batch = self.fetcher.arrived(self.fetcher.start(self.picked(*position)))
+            batch = self.gather(self.picked(*position))
         epoch, index = position
         following = (epoch, index + 1) if index + 1 < self.per_epoch else (epoch + 1, 0)
-        self.ahead = following, self.fetcher.start(self.picked(*following))
-        return batch
+        self.ahead = following, self.gatherer.submit(self.gather, self.picked(*following))
+        return batch.to(self.device, non_blocking=True)
+
+    def gather(self, picked):
+        batch = self.images[picked]
+        return batch.pin_memory() if self.device.type == "cuda" else batch
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state):
         if self.ahead is not None:
-            self.fetcher.arrived(self.ahead[1])  # let the batch on its way land before it is dropped
+            self.ahead[1].result()  # let the batch on its way land before it is dropped
             self.ahead = None
         self.epoch, self.index = state["epoch"], state["index"]
-
-
-class Fetcher:
-    """Gathers batches of a host (or memory-mapped) uint8 tensor in a background thread, into two buffers taken
-    in turn, and copies each to the device: from pinned memory on a side stream with CUDA, so that the copy
-    overlaps the training step."""
-
-    def __init__(self, images, batch_size, device):
-        self.images, self.device = images, device
-        cuda = device.type == "cuda"
-        self.buffers = [torch.empty((batch_size, *images.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
-                        for _ in range(2)]
-        self.copies = [None, None]  # CUDA events: the last copy out of each buffer has finished
-        self.stream = torch.cuda.Stream(device) if cuda else None
-        self.turn = 0
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
-
-    def start(self, picked):
-        self.turn = 1 - self.turn
-        return self.thread.submit(self.gather, picked, self.turn)
-
-    def gather(self, picked, slot):
-        buffer = self.buffers[slot]
-        if self.copies[slot] is not None:
-            self.copies[slot].synchronize()
-        torch.index_select(self.images, 0, picked, out=buffer)
-        if self.stream is None:
-            return buffer, None
-        with torch.cuda.stream(self.stream):
-            batch = buffer.to(self.device, non_blocking=True)
-            self.copies[slot] = torch.cuda.Event()
-            self.copies[slot].record()
-        return batch, self.copies[slot]
-
-    def arrived(self, future):
-        batch, copied = future.result()
-        if copied is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(copied)  # the training step waits for the copy on the device, not on the host
-            batch.record_stream(stream)
-        return batch

@@ -113,7 +113,7 @@ def main(argv=None):
     if args.iters is None:
         args.iters = default_iterations(data.per_epoch, args.n_critic, args.critic_warmup)
 
-    G = G.to(device)
+    G.to(device)
     D = Critic(args.image_size, args.channels, args.width).to(device)
     G.apply(init_weights)
     D.apply(init_weights)

@@ -265,9 +265,10 @@ def test_unreadable_images_end_to_end(tmp_path, capsys):
 def test_a_read_only_image_folder_is_cached_elsewhere(tmp_path, monkeypatch, capsys):
     folder = make_images(tmp_path / "images", 12)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
-    real_writable = support.writable
+    real_unwritable = support.unwritable
     # A read-only folder; as root, permission bits do not stop writes, so the check is told as well.
-    monkeypatch.setattr(support, "writable", lambda path: path != folder and real_writable(path))
+    monkeypatch.setattr(support, "unwritable", lambda path: f"{folder} is not writable" if path == folder
+                        else real_unwritable(path))
     before = sorted(folder.iterdir())
     folder.chmod(0o555)
     try:
