@@ -619,7 +619,6 @@ def write_images(images, out, single, nrow, names=None):
 ISC_SPLITS = 10  # Salimans et al. 2016 (official code, inception_score.py): the mean and std over 10 splits
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018 (torch-fidelity's defaults): 100 subsets of 1000
 EVAL_BATCH = 64  # images per forward pass of G and of the feature extractor (torch-fidelity's default)
-METRIC_RESUMABLE = {"eval_every", "eval_every_samples"}
 METRIC_EVALUABLE = {"eval_samples", "eval_real", "feature_extractor", "inception_weights"}
 # Data sets with a test split for --eval-real test (torchvision reads them as whole arrays).
 TEST_SPLITS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
