@@ -1,16 +1,12 @@
 """Speed of every folder's training, measured: not a test (pytest collects test_*.py only).
 
-For each folder at its paper configuration (each train.py's own defaults, or the sizes given here), one
-generator iteration is timed after a warm-up: all of its D or critic steps and its G step, as the folder's own
-train.main runs them (its step functions, networks and batches, the data kept where --data-on auto puts it;
-WGAN without the official code's warm-up of the critic, CGAN without the Parzen selection). Reported per
-configuration: milliseconds per iteration, real images drawn per second, the share of the time spent getting
-batches, peak memory and the matrix-product FLOP rate. Where a data set is not under --data-root, random
-images of its size and number stand in for it.
-
-DCGAN also runs fed the way pytorch/examples' dcgan feeds its networks (torchvision's CIFAR10 of PIL images,
-Resize/CenterCrop/ToTensor/Normalize, a DataLoader with 2 worker processes), and the ratio of the two feeds
-is printed. Every configuration runs in a fresh Python process, one after the other.
+Each folder's own train.main runs at its paper configuration (its defaults, or the sizes given here; WGAN without
+the official warm-up of the critic, CGAN without the Parzen selection), and one generator iteration, all of its D
+or critic steps and its G step, is timed after a warm-up: milliseconds, real images drawn per second, the share
+of the time spent getting batches, peak memory and the FLOP rate. Random images stand in for a data set that is
+not under --data-root. DCGAN also runs fed as pytorch/examples' dcgan feeds it (torchvision's CIFAR10, PIL
+transforms, a DataLoader with 2 workers), and the ratio of the two feeds is printed. Every configuration runs
+in a fresh Python process, one after the other.
 
     python tests/benchmark.py                                         # every folder, paper sizes
     python tests/benchmark.py --folders DCGAN --precision fp32 bf16 --compile off on
@@ -71,10 +67,8 @@ def build_parser():
     p.add_argument("--batch-size", type=at_least(1), help="minibatch size (None: each folder's own)")
     p.add_argument("--image-size", type=at_least(1), help="image size of the convolutional folders")
     p.add_argument("--width", type=at_least(1), help="--width of the convolutional folders, smaller for a CPU")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
-                   help="precisions to compare (train.py --precision)")
-    p.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"),
-                   help="without and/or with train.py --compile")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"), help="train.py's")
+    p.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"), help="train.py --compile")
     p.add_argument("--memory-format", nargs="+", default=["contiguous"], choices=("contiguous", "channels_last"),
                    help="memory formats of the convolutional networks (train.py --channels-last)")
     p.add_argument("--iters", type=at_least(1), default=20, help="timed generator iterations per configuration")
@@ -110,33 +104,32 @@ def configurations(args):
 
 # --- one configuration, measured in this process (the child side of --worker) --------------------------------
 
-class TotalOnly(contextlib.nullcontext):
-    """FlopCounterMode's per-module attribution: here only the total, without the module hooks that
-    autograd.grad (WGAN-GP's penalty) refuses."""
-    parents = {"Global"}
-
-
 class Clock:
-    """The ends of a run's generator iterations and the time spent getting batches, from the end of the
-    `untimed`-th iteration on. Iteration 1's FLOPs are counted (eagerly: not with --compile)."""
+    """The batches a train.py draws, wrapped: the ends of its generator iterations and the time spent getting batches
+    after the `untimed`-th iteration, and iteration 1's FLOPs (counted eagerly: not with --compile)."""
 
     def __init__(self, device, untimed, count_flops):
         self.device, self.untimed, self.iterations, self.ends, self.started = device, untimed, 0, [], None
-        self.fetch_seconds, self.fetches, self.flops, self.counter = 0.0, 0, None, None
+        self.fetch_seconds, self.fetches, self.flops, self.counter, self.batches = 0.0, 0, None, None, None
         if count_flops:
             self.counter = FlopCounterMode(display=False)
-            self.counter.mod_tracker = TotalOnly()
+            # only the total: no per-module attribution, whose module hooks autograd.grad (WGAN-GP) refuses
+            self.counter.mod_tracker = contextlib.nullcontext()
+            self.counter.mod_tracker.parents = {"Global"}
 
-    def fetch(self, batches):
+    def __next__(self):
         if self.started is None:  # iteration 1 begins with its first batch
             self.started = time.perf_counter()
             if self.counter is not None:
                 self.counter.__enter__()
         started = time.perf_counter()
-        batch = next(batches)
+        batch = next(self.batches)
         self.fetch_seconds += time.perf_counter() - started
         self.fetches += 1
         return batch
+
+    def __getattr__(self, name):  # what train.py and support.Run read of their batches
+        return getattr(self.batches, name)
 
     def iteration_ended(self):
         if self.device.type == "cuda":
@@ -152,22 +145,8 @@ class Clock:
             self.fetch_seconds, self.fetches, self.ends = 0.0, 0, self.ends[-1:]
 
 
-class Timed:
-    """The batches a train.py draws from, each drawn through the clock."""
-
-    def __init__(self, batches, clock):
-        self.batches, self.clock = batches, clock
-
-    def __next__(self):
-        return self.clock.fetch(self.batches)
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
-
-
 def offline_readers(support, kinds):
-    """support's readers of MNIST and of the other data sets, downloading nothing; where the data set is not under
-    --data-root, random uint8 images of its shape and number. KINDS collects "real" and "synthetic"."""
+    """support's readers, downloading nothing: random images of a set's shape and size where it is not there."""
     generator = torch.Generator().manual_seed(0)
 
     def synthetic(*shape):
@@ -209,10 +188,8 @@ class PILImages(torch.utils.data.Dataset):
 
 
 class ExamplesFeed:
-    """DCGAN's data fed as pytorch/examples' dcgan feeds it, in place of Batches: torchvision's CIFAR10 (when it
-    is under --data-root, else the images train.py was given, handed out as CIFAR10 hands out its own: a PIL
-    image per item) with Resize, CenterCrop, ToTensor and Normalize to [-1, 1], in a shuffling DataLoader with
-    worker processes, `for data in dataloader` every epoch, data[0].to(device)."""
+    """DCGAN's data as pytorch/examples' dcgan feeds it: CIFAR10 (or train.py's images, as PIL images) through
+    Resize, CenterCrop, ToTensor and Normalize in a shuffling DataLoader with workers, data[0].to(device)."""
 
     def __init__(self, images, batch_size, device, data_root):
         import torchvision
@@ -237,12 +214,11 @@ class ExamplesFeed:
 
 
 def measure(config):
-    """Time one configuration: the folder's own train.main, run for 1 + warmup + iters generator iterations with
-    its generator step and its batches timed from outside. Iteration 1 (eager FLOPs counted) and the warm-up
-    iterations (compilation, cuDNN's kernel choice) are not timed."""
+    """One configuration: the folder's train.main for 1 + warmup + iters generator iterations, its generator step
+    and batches timed from outside; iteration 1 (FLOPs counted) and the warm-up (compilation) are not timed."""
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    folder, device, kinds, made = config["folder"], torch.device(config["device"]), set(), []
+    folder, device, kinds = config["folder"], torch.device(config["device"]), set()
     gan = load_folder(folder)
     clock = Clock(device, 1 + config["warmup"], count_flops=not config["compile"])
     offline_readers(gan.support, kinds)
@@ -254,9 +230,9 @@ def measure(config):
         return loss
 
     def batches(*args, **kwargs):
-        made.append(Timed(ExamplesFeed(*args[:2], device, config["data_root"]) if config["feed"] == "dataloader"
-                          else real_batches(*args, **kwargs), clock))
-        return made[-1]
+        clock.batches = ExamplesFeed(*args[:2], device, config["data_root"]) if config["feed"] == "dataloader" \
+            else real_batches(*args, **kwargs)
+        return clock
 
     gan.train.generator_step, gan.train.batches = generator_step, batches
     sizes = [] if folder in MLP_FOLDERS else [part for name in ("image_size", "width") if config[name]
@@ -328,8 +304,7 @@ def run_one(config):
 
 
 def pooled(runs):
-    """One configuration's rounds as one result: the statistics of all their timed iterations together, and the
-    rounds' medians."""
+    """One configuration's rounds as one result: all their timed iterations together, and the rounds' medians."""
     if any("error" in run for run in runs):
         return next(run for run in runs if "error" in run)
     times = sorted(t for run in runs for t in run["ms"])
@@ -340,18 +315,6 @@ def pooled(runs):
             "images_per_s": runs[0]["images_per_iteration"] / median * 1000,
             "data_share": statistics.mean(run["data_share"] for run in runs),
             "peak_memory_mb": max(run["peak_memory_mb"] for run in runs)}
-
-
-def with_flops(results):
-    """The FLOP rate of every result. FLOPs are counted eagerly, so not with --compile: a compiled configuration
-    does the arithmetic of its folder's eager one."""
-    for result in (r for r in results if "error" not in r):
-        result["flops_per_iteration"] = result["flops_per_iteration"] or next(
-            (r["flops_per_iteration"] for r in results if r["folder"] == result["folder"]
-             and r.get("flops_per_iteration")), None)
-        flops = result["flops_per_iteration"]
-        result["tflops"] = flops / result["median_ms"] * 1000 / 1e12 if flops else None
-    return results
 
 
 def label(result):
@@ -404,7 +367,12 @@ def main(argv=None):
         print(f"error: {result['error']}" if "error" in result else
               f"{statistics.median(result['ms']):.2f} ms/iter (warm-up {result['warmup_s']:.1f} s)", flush=True)
         rounds[i].append(result)
-    results = with_flops([pooled(runs) for runs in rounds])
+    results = [pooled(runs) for runs in rounds]
+    # FLOPs are counted eagerly, not with --compile: a compiled configuration does its folder's eager arithmetic
+    eager_flops = {r["folder"]: r["flops_per_iteration"] for r in results if r.get("flops_per_iteration")}
+    for r in (r for r in results if "error" not in r):
+        flops = r["flops_per_iteration"] = r["flops_per_iteration"] or eager_flops.get(r["folder"])
+        r["tflops"] = flops / r["median_ms"] / 1e9 if flops else None
     measured = next((r for r in results if "error" not in r), {})
     print(f"\n{measured.get('device_name', args.device)}, torch {torch.__version__}, "
           f"{measured.get('torch_threads', '?')} threads; {args.rounds} x {args.iters} timed iterations, each round "

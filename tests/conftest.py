@@ -1,14 +1,11 @@
-"""The shared test harness.
-
-Every paper folder is imported by file path: folder names such as WGAN-GP are not
-Python identifiers, and every folder has its own model.py, dataset.py and train.py.
-Smoke runs start `python train.py` in the folder, as a user would, on the real
-MNIST under ../shared/data when it exists, else on a tiny MNIST made here.
-"""
+"""The shared test harness. Every folder is imported by file path (WGAN-GP is not a Python identifier, and every
+folder has its own model.py, dataset.py and train.py); runs use the real MNIST under ../shared/data when it is there,
+else a tiny MNIST made here."""
 import errno
 import functools
 import importlib.util
 import io
+import math
 import os
 import shutil
 import signal
@@ -23,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
@@ -43,9 +41,7 @@ QUICK = {
 }
 
 # The D (critic) step function of each train.py.
-D_STEP = {"simpleGAN": "discriminator_step", "CGAN": "discriminator_step", "DCGAN": "discriminator_step",
-          "WGAN": "critic_step", "WGAN-GP": "critic_step", "LSGAN": "discriminator_step",
-          "SN-DCGAN": "discriminator_step"}
+D_STEP = {folder: "critic_step" if folder.startswith("WGAN") else "discriminator_step" for folder in FOLDERS}
 
 
 @functools.cache
@@ -74,9 +70,16 @@ def run_train(folder, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def two_logged_steps(folder, data_root, run, *flags):
+    """`python train.py`, as a user runs it, tiny (QUICK), for 2 logged steps: its last checkpoint and scalar tags."""
+    result = run_train(folder, *QUICK[folder], "--data-root", data_root, *flags, "--max-steps", 2, "--log-every", 1,
+                       "--out", run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_checkpoint(run), scalar_tags(run)
+
+
 def run_main(module, *args):
-    """`module.main(ARGS)` in this process (a folder's train.py or model.py): its exit code. The SIGINT and SIGTERM
-    handlers that train.main installs are replaced by the ones before it afterwards."""
+    """`module.main(ARGS)` in this process: its exit code; the SIGINT and SIGTERM handlers are restored after it."""
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         return module.main([str(arg) for arg in args]) or 0
@@ -87,9 +90,14 @@ def run_main(module, *args):
             signal.signal(number, handler)
 
 
+def quick_run(folder, data_root, run, *flags):
+    """A tiny run (QUICK) of FOLDER's train.main on DATA_ROOT into RUN, in this process; returns RUN."""
+    assert run_main(load_folder(folder).train, *QUICK[folder], "--data-root", data_root, "--out", run, *flags) == 0
+    return run
+
+
 def exits_2(capsys, module, *args):
-    """`module.main(ARGS)` in this process ends with exit code 2 and one line on stderr (besides progress bars,
-    which redraw themselves with carriage returns), no traceback; returns that line."""
+    """`module.main(ARGS)` ends with exit code 2 and one line on stderr (progress bars aside): returns that line."""
     capsys.readouterr()
     code, err = run_main(module, *args), capsys.readouterr().err
     lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]
@@ -99,9 +107,8 @@ def exits_2(capsys, module, *args):
 
 
 def sigterm_then_resume(folder, run, *args, at_step=2, more=1):
-    """Start `train.py ARGS --sample-every 1 --out RUN`, send SIGTERM once the grid of step AT_STEP is written,
-    and check that it exits with 128 + SIGTERM leaving a checkpoint that --resume continues by MORE steps.
-    Returns the step the signal stopped it at: AT_STEP, or a later one when the signal came late."""
+    """`train.py ARGS --out RUN`, sent SIGTERM once step AT_STEP's grid is written, exits with 128 + SIGTERM and a
+    checkpoint that --resume continues by MORE steps. Returns the step it stopped at (AT_STEP or, late, after)."""
     process = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--sample-every", "1", "--out", str(run)],
                                cwd=ROOT / folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -118,10 +125,9 @@ def sigterm_then_resume(folder, run, *args, at_step=2, more=1):
     return step
 
 
-def main_with_poisoned_loss(train, step_function, poisoned_call, *args):
-    """Run `train.main(ARGS)` in-process with the loss returned by `train.STEP_FUNCTION` (alone, or first of the
-    values it returns) made Inf on its POISONED_CALL-th call; returns the exit code. (A diverging learning rate
-    would fail at a step that depends on the data.)"""
+def main_with_poisoned_loss(monkeypatch, train, step_function, poisoned_call, *args):
+    """`train.main(ARGS)`'s exit code, with the loss of `train.STEP_FUNCTION` made Inf on its POISONED_CALL-th call
+    (a diverging learning rate would fail at a step that depends on the data)."""
     real_step, calls = getattr(train, step_function), []
 
     def poisoned_step(*step_args):
@@ -131,11 +137,8 @@ def main_with_poisoned_loss(train, step_function, poisoned_call, *args):
             return result
         return (result[0] * float("inf"), *result[1:]) if isinstance(result, tuple) else result * float("inf")
 
-    setattr(train, step_function, poisoned_step)
-    try:
-        return run_main(train, *args)
-    finally:
-        setattr(train, step_function, real_step)
+    monkeypatch.setattr(train, step_function, poisoned_step)
+    return run_main(train, *args)
 
 
 def scalar_tags(run_dir):
@@ -216,8 +219,7 @@ def offline(monkeypatch):
 
 
 def failing_writes(monkeypatch, module, suffix, fail_at=None, error=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
-    """The writes of MODULE (a folder's support) into files whose names end with SUFFIX: their sizes in bytes, and
-    the FAIL_AT-th writes a little, then raises ERROR (a full disk unless told)."""
+    """The sizes of MODULE's writes into files named *SUFFIX; the FAIL_AT-th writes a little, then raises ERROR."""
     written = []
 
     class CountedWrites(io.FileIO):
@@ -233,3 +235,134 @@ def failing_writes(monkeypatch, module, suffix, fail_at=None, error=OSError(errn
             open(path, mode, *args, **kwargs)
     monkeypatch.setattr(module, "open", counted_open, raising=False)
     return written
+
+
+# --- stand-in networks, whose every answer and gradient is known ----------------------------------------------
+
+class LinearD(nn.Module):
+    """D(x) = w . x: its gradient w.r.t. w is x, its input gradient w everywhere. It keeps its inputs in `inputs`."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return (x * self.w).flatten(1).sum(1)
+
+
+class ConstantG(nn.Module):
+    """G(z) = the same learnable image for every z."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.image = nn.Parameter(image.clone())
+
+    def forward(self, z):
+        return self.image.expand(len(z), *self.image.shape)
+
+
+def linear_pair(m=4, shape=(1, 2, 2)):
+    """ConstantG(image), LinearD(w), a real batch x of M images, w and the image, all drawn from seed 0."""
+    torch.manual_seed(0)
+    w, image, x = torch.randn(shape), torch.randn(shape), torch.randn(m, *shape)
+    return ConstantG(image), LinearD(w), x, w, image
+
+
+def frozen_d_update(d_step, G, D, x, *options):
+    """D_STEP on the real batch x at learning rate 0 (nothing moves); G is held fixed: the fakes carry no graph."""
+    result = d_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x, torch.zeros(len(x), 1), *options)
+    assert G.image.grad is None
+    return result
+
+
+def frozen_g_update(g_step, G, D, m, *options):
+    """G_STEP on m noise samples at learning rate 0; D is held fixed, and trainable again afterwards."""
+    D.w.grad = None
+    result = g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(m, 1), *options)
+    assert D.w.grad is None and D.w.requires_grad
+    return result
+
+
+class PixelSumD(nn.Module):
+    """D(x) = sum of x's pixels + a learnable offset (0), + y . (0, 10, 20, ...) with labels y: a logit chosen
+    through the image. It keeps its outputs in `outputs`, with their gradients once a backward pass reaches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.outputs = []
+
+    def forward(self, x, y=None):
+        logits = x.flatten(1).sum(1) + (0 if y is None else y @ (10.0 * torch.arange(10.0))) + self.offset
+        if logits.requires_grad:
+            logits.retain_grad()
+        self.outputs.append(logits)
+        return logits
+
+
+class FixedG(nn.Module):
+    """G(z) = the learnable `images`, whatever z; with labels y, G(z|y) = the image of y's class."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.images = nn.Parameter(images.clone())
+
+    def forward(self, z, y=None):
+        return self.images[:len(z)] if y is None else self.images[y.argmax(1)]
+
+
+def pixel_images(*values):
+    """28x28 images whose first pixel is each of VALUES and every other pixel 0: PixelSumD's logits."""
+    x = torch.zeros(len(values), 1, 28, 28)
+    x[:, 0, 0, 0] = torch.tensor(values)
+    return x
+
+
+def sigmoid(value):
+    return 1 / (1 + math.exp(-value))
+
+
+def bce(logits, target):
+    """Binary cross entropy of sigmoid(l) against target 0 or 1, written out and averaged: -log D or -log(1 - D)."""
+    return sum(-math.log(sigmoid(v)) if target == 1 else -math.log(1 - sigmoid(v)) for v in logits) / len(logits)
+
+
+def value_and_grads(loss, outputs, *options):
+    """LOSS(*OUTPUTS, *OPTIONS) at known outputs (lists, as float64): its value and its gradient w.r.t. each list."""
+    leaves = [torch.tensor(values, dtype=torch.float64, requires_grad=True) for values in outputs]
+    value = loss(*leaves, *options)
+    value.backward()
+    return value.item(), *(leaf.grad.tolist() for leaf in leaves)
+
+
+def small_networks(folder, channels=1, size=32, width=8):
+    """A convolutional folder's G and D (or critic), seeded and initialised as its train.py does."""
+    model = load_folder(folder).model
+    torch.manual_seed(0)
+    G = model.Generator(size, channels, width=width)
+    D = (getattr(model, "Critic", None) or model.Discriminator)(size, channels, width=width)
+    if folder != "SN-DCGAN":  # SN-DCGAN's networks initialise themselves
+        G.apply(model.init_weights)
+        D.apply(model.init_weights)
+    return G, D
+
+
+def assert_image_shapes(G, D, z, channels, size):
+    """G(z) is a batch of tanh images of the size asked for, and D scores each with one number."""
+    images = G(z)
+    assert images.shape == (len(z), channels, size, size)
+    assert images.min() >= -1 and images.max() <= 1  # tanh output
+    assert D(images).shape == (len(z),)
+
+
+def conv_sizes(G, D, z):
+    """(module, input size, output size) of G's transposed convolutions and of G's and D's convolutions on D(G(z))."""
+    seen = []
+    for m in [*G.modules(), *D.modules()]:
+        if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
+            m.register_forward_hook(lambda module, inp, out: seen.append((module, inp[0].shape[-1], out.shape[-1])))
+    D(G(z))
+    return ([entry for entry in seen if isinstance(entry[0], nn.ConvTranspose2d)],
+            [entry for entry in seen if isinstance(entry[0], nn.Conv2d)])

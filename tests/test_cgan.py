@@ -1,7 +1,5 @@
-"""CGAN/: §4.1's networks and their initialisation, the conditioning on y, the conditioned losses by value and
-gradient, the schedules, the split and the labelled batches, and the loop and the sampling command in a run. What
-every folder shares (runs, resume, signals, bad flags) is in test_common.py; the Parzen estimator of Table 1 is in
-test_table1.py."""
+"""CGAN/: §4.1's networks, their initialisation and the conditioning on y, the conditioned losses by value and
+gradient, the schedules, the labelled batches, and a run (Table 1's Parzen estimator is in test_table1.py)."""
 import math
 import re
 
@@ -10,15 +8,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import QUICK, exits_2, load_checkpoint, load_folder, run_main, scalar_tags
+from conftest import (QUICK, FixedG, PixelSumD, bce, exits_2, load_checkpoint, load_folder, pixel_images, run_main,
+                      scalar_tags)
 
 cgan = load_folder("CGAN")
 PARZEN_LINE = re.compile(r"^Parzen log-likelihood: (-?\d+\.\d+) ± (\d+\.\d+) \(sigma=([\d.]+)\)$", re.M)
 
 
-def models(dropout=0.5):
+def models():
     torch.manual_seed(0)
-    G, D = cgan.model.Generator(dropout=dropout), cgan.model.Discriminator(dropout=dropout)
+    G, D = cgan.model.Generator(), cgan.model.Discriminator()
     cgan.model.init_weights(G, cgan.model.G_IRANGE)
     cgan.model.init_weights(D, cgan.model.D_IRANGE)
     return G, D
@@ -28,56 +27,14 @@ def labels_of(*digits):
     return cgan.model.one_hot(torch.tensor(digits))
 
 
-class ConditionedD(nn.Module):
-    """D(x|y) = the sum of x's pixels + y . c + a learnable offset (0), with c = (0, 10, 20, ...): a logit chosen
-    through the image, shifted by the label it is judged under. Every output is kept, with its gradient."""
-
-    def __init__(self):
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(()))
-        self.outputs = []
-
-    def forward(self, x, y):
-        logits = x.flatten(1).sum(1) + y @ (10.0 * torch.arange(10.0)) + self.offset
-        if logits.requires_grad:
-            logits.retain_grad()
-        self.outputs.append(logits)
-        return logits
-
-
-class ConditionedG(nn.Module):
-    """G(z|y) = the learnable image of y's class: image k is all zeros but its first pixel, -k / 10."""
-
-    def __init__(self):
-        super().__init__()
-        self.images = nn.Parameter(torch.zeros(10, 1, 28, 28))
-        with torch.no_grad():
-            self.images[:, 0, 0, 0] = -torch.arange(10.0) / 10
-
-    def forward(self, z, y):
-        return self.images[y.argmax(1)]
-
-
-def images_with_sums(*sums):
-    x = torch.zeros(len(sums), 1, 28, 28)
-    x[:, 0, 0, 0] = torch.tensor(sums)
-    return x
-
-
-def bce(logits, target):
-    """Binary cross entropy of sigmoid(l) against target 0 or 1, written out and averaged: -log D or -log(1 - D)."""
-    d = [1 / (1 + math.exp(-logit)) for logit in logits]
-    return sum(-math.log(p) if target == 1 else -math.log(1 - p) for p in d) / len(d)
-
-
 def test_conditioned_losses_by_value_and_gradient():
-    digits, x = (0, 1, 2), images_with_sums(0.5, -20.0, -18.0)
+    digits, x = (0, 1, 2), pixel_images(0.5, -20.0, -18.0)
     y = labels_of(*digits)
     real = [0.5, -10.0, 2.0]  # sum + 10 k: the real images judged under their own labels
     fake = [-k / 10 + 10 * k for k in digits]  # G drew class k, and D judges it under k
-    G, D = ConditionedG(), ConditionedD()
-    loss, _, _ = cgan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), 0.0), x, y,
-                                               cgan.model.sample_z(3))
+    # G(z|y) = the image of y's class: image k is all zeros but its first pixel, -k / 10; D(x|y) adds 10 y's digit
+    G, D = FixedG(pixel_images(*(-k / 10 for k in range(10)))), PixelSumD()
+    loss, _, _ = cgan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), 0.0), x, y, cgan.model.sample_z(3))
     # Eq. 2: D ascends log D(x|y) + log(1 - D(G(z|y)|y)); the loss is its negative, each term a minibatch mean
     assert loss.item() == pytest.approx(bce(real, 1) + bce(fake, 0), rel=1e-6)
     real_logits, fake_logits = D.outputs
@@ -145,7 +102,8 @@ def test_dropout_is_off_in_eval_mode_so_sampling_is_deterministic():
     assert torch.equal(D(x, y), D(x, y))
 
 
-def test_labels_reach_G_and_D():
+def test_y_is_one_hot_and_reaches_G_and_D():
+    assert torch.equal(labels_of(3, 0), torch.eye(10)[[3, 0]])
     G, D = models()
     G.eval(), D.eval()
     z = cgan.model.sample_z(4)
@@ -160,13 +118,6 @@ def test_the_grid_has_one_row_per_digit_with_the_same_z_per_column():
     rows = z.view(10, 10, -1)
     assert all(torch.equal(rows[i], rows[0]) for i in range(10))
     assert len({tuple(v.tolist()) for v in rows[0]}) == 10  # the columns differ
-
-
-def test_z_is_uniform_in_the_unit_hypercube_and_y_one_hot():
-    z = cgan.model.sample_z(20000)
-    assert z.shape == (20000, 100) and z.min() >= 0 and z.max() <= 1
-    assert abs(z.mean().item() - 0.5) < 0.01 and abs(z.var().item() - 1 / 12) < 0.005
-    assert torch.equal(labels_of(3, 0), torch.eye(10)[[3, 0]])
 
 
 def test_init_is_small_uniform_and_G_starts_at_the_pixel_marginals():
@@ -212,8 +163,7 @@ def test_split_and_batches_keep_labels_with_their_images(mnist_root):
 
 @pytest.fixture(scope="module")
 def run(tiny_mnist_root, tmp_path_factory):
-    """12 steps, 5 per epoch (100 training images, 500 for validation), selected on the validation split every
-    epoch, and the test estimate at the end."""
+    """12 steps of 5 per epoch (100 training, 500 validation images), selected every epoch, the test at the end."""
     run = tmp_path_factory.mktemp("cgan") / "run"
     assert run_main(cgan.train, *QUICK["CGAN"], "--data-root", tiny_mnist_root, "--valid-size", 500,
                     "--parzen-valid", 100, "--max-steps", 12, "--log-every", 1, "--select-every", 1,

@@ -1,9 +1,6 @@
-"""What every folder shares, tested once for all seven: a run's outputs, SIGTERM, exact resume, the sampling
-command, the stop on NaN, and the one-line errors of bad flags, missing data and a changed configuration.
-
-Each folder gets one interrupted run (SIGTERM after step 2, then --resume) and one uninterrupted run of the
-same length; most tests below read those two. Runs are tiny (conftest.QUICK).
-"""
+"""What every folder shares, tested once for all seven: a run's outputs, SIGTERM, exact resume, the sampling command,
+the stop on NaN, the one-line errors of bad flags, missing data and a changed configuration, z's prior, the data's
+range and the networks' shapes. Most tests read one interrupted and one uninterrupted tiny run per folder."""
 import json
 from collections import namedtuple
 from types import SimpleNamespace
@@ -12,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (D_STEP, FOLDERS, QUICK, assert_same_networks, exits_2, load_checkpoint, load_folder,
-                      main_with_poisoned_loss, run_main, scalar_tags, sigterm_then_resume)
+from conftest import (CONVOLUTIONAL, D_STEP, FOLDERS, QUICK, assert_image_shapes, assert_same_networks, conv_sizes,
+                      exits_2, load_checkpoint, load_folder, main_with_poisoned_loss, run_main, scalar_tags,
+                      sigterm_then_resume, small_networks)
 
 # d_per_g: D (critic) steps per generator step under QUICK; own_flag: a flag of the paper that --resume must
 # refuse to change; data_files: what the default data set's error names; image_size: under QUICK; sampling:
@@ -33,8 +31,7 @@ PAPERS = {
 
 @pytest.fixture(scope="module", params=FOLDERS)
 def runs(request, mnist_root, tmp_path_factory):
-    """A run stopped by SIGTERM after step 2 (or a little later) and resumed for 2 more steps, and an uninterrupted
-    run of the same length with the same flags (in this process: no interpreter start-up)."""
+    """A run stopped by SIGTERM after step 2 (or later) and resumed for 2 more steps, and an uninterrupted one."""
     folder, base = request.param, tmp_path_factory.mktemp(request.param)
     flags = [*QUICK[folder], "--data-root", mnist_root, "--log-every", 1]
     steps = sigterm_then_resume(folder, base / "split", *flags, more=2) + 2
@@ -57,8 +54,7 @@ def test_a_run_writes_every_output_and_resume_continues_them(runs):
     assert {"G", "D", "opt_G", "opt_D", "rng", "fixed_z", "batches", "args"} <= set(checkpoint)
     args = json.loads((run / "args.json").read_text())
     assert args == json.loads(json.dumps(checkpoint["args"])) and args["max_steps"] == steps
-    quick = QUICK[runs.folder]
-    assert args["batch_size"] == quick[quick.index("--batch-size") + 1]  # the run's own configuration
+    assert args["batch_size"] == QUICK[runs.folder][QUICK[runs.folder].index("--batch-size") + 1]  # the run's own
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(runs):
@@ -87,11 +83,12 @@ def test_resume_refuses_to_change_the_configuration(runs, capsys):
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(folder, mnist_root, tmp_path, capsys):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(folder, mnist_root, tmp_path, capsys,
+                                                                            monkeypatch):
     paper, run = PAPERS[folder], tmp_path / "run"
     # D's loss is made Inf in the last D step of generator step 3, whose loss is the one logged
-    code = main_with_poisoned_loss(load_folder(folder).train, D_STEP[folder], 3 * paper.d_per_g, *QUICK[folder],
-                                   "--data-root", mnist_root, "--max-steps", 10, "--log-every", 1,
+    code = main_with_poisoned_loss(monkeypatch, load_folder(folder).train, D_STEP[folder], 3 * paper.d_per_g,
+                                   *QUICK[folder], "--data-root", mnist_root, "--max-steps", 10, "--log-every", 1,
                                    "--checkpoint-every", 1, "--out", run)
     err = capsys.readouterr().err
     assert code == 1 and "NaN or Inf at step 3;" in err and "Traceback" not in err, err
@@ -99,6 +96,60 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(folde
     assert checkpoint["step"] == 2
     assert all(value.isfinite().all() for net in ("G", "D") for value in checkpoint[net].values()
                if value.is_floating_point())
+
+
+# z's prior in each folder: dimension, mean, variance, support (None: the normal's, unbounded), and the prior as
+# torch-fidelity names it for --evaluate's samples (the convolutional folders)
+PRIORS = {"simpleGAN": (100, 0, 1, (-3 ** 0.5, 3 ** 0.5), None), "CGAN": (100, 0.5, 1 / 12, (0, 1), None),
+          "DCGAN": (100, 0, 1 / 3, (-1, 1), "uniform_-1_1"), "WGAN": (100, 0, 1, None, "normal"),
+          "WGAN-GP": (128, 0, 1, None, "normal"), "LSGAN": (1024, 0, 1 / 3, (-1, 1), "uniform_-1_1"),
+          "SN-DCGAN": (128, 0, 1, None, "normal")}
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_z_follows_the_papers_prior_and_pixels_are_scaled_to_tanh_range(folder):
+    gan, (dim, mean, variance, support, prior) = load_folder(folder), PRIORS[folder]
+    z = gan.model.sample_z(20000)
+    assert z.shape == (20000, dim)
+    assert abs(z.mean().item() - mean) < 0.01 and abs(z.var().item() - variance) < 0.005
+    if support is None:
+        assert z.min() < -3 and z.max() > 3
+    else:  # uniform: inside its support, and reaching both ends
+        low, high = support
+        assert low <= z.min() < low + 0.0005 * (high - low) and high - 0.0005 * (high - low) < z.max() <= high
+    if prior:
+        assert gan.train.Z_PRIOR == prior
+        # pixels x in [-1, 1]: x / 127.5 - 1 (WGAN-GP's official code: 2 (x / 255 - 0.5), the same)
+        x = next(gan.dataset.batches(torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1), 3, "cpu", 0))
+        assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("folder", CONVOLUTIONAL)
+def test_the_convolutional_networks_make_and_score_images_of_the_size_asked_for(folder, channels, size):
+    model = load_folder(folder).model
+    assert_image_shapes(*small_networks(folder, channels, size), model.sample_z(5), channels, size)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("folder", ["DCGAN", "WGAN-GP"])
+def test_every_layer_doubles_or_halves_the_size_exactly(folder, size):
+    ups, downs = conv_sizes(*small_networks(folder, 3, size), load_folder(folder).model.sample_z(2))
+    assert ups[0][1] == 4 and ups[-1][2] == size and all(o == 2 * i for _, i, o in ups)
+    assert downs[0][1] == size and downs[-1][2] == 4 and all(2 * o == i for _, i, o in downs)
+
+
+@pytest.mark.parametrize("folder", CONVOLUTIONAL)
+def test_sampling_changes_no_batch_norm_buffer_and_is_deterministic(folder):
+    model = load_folder(folder).model
+    G, _ = small_networks(folder)
+    G(model.sample_z(16))  # a training forward gives the running statistics non-default values
+    buffers = {k: v.clone() for k, v in G.state_dict().items()}
+    z = model.sample_z(4)
+    assert torch.equal(model.sample(G, z), model.sample(G, z))
+    assert all(torch.equal(buffers[k], v) for k, v in G.state_dict().items())
+    assert G.training  # the mode it was in is restored
 
 
 # Flags that name files or folders (their faults are in test_faults.py), and integer flags for which 0 means off.
@@ -120,8 +171,7 @@ def bad_values(action):
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_bad_flags_exit_2_in_one_line_and_create_nothing(folder, mnist_root, tmp_path, capsys):
-    """Every numeric or choice flag refuses the values outside its domain (found from the parser), and so do an
-    unwritable --out and a batch larger than the data set."""
+    """Values outside each numeric or choice flag's domain (from the parser), a bad --out, a batch over the set."""
     train = load_folder(folder).train
     cases = [([action.option_strings[0], value], action.option_strings[0]) for action in train.build_parser()._actions
              if action.option_strings and action.dest not in PATH_FLAGS for value in bad_values(action)]
@@ -137,7 +187,7 @@ def test_bad_flags_exit_2_in_one_line_and_create_nothing(folder, mnist_root, tmp
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_missing_data_offline_exits_2_naming_the_files(folder, tmp_path, capsys, offline):
-    err = exits_2(capsys, load_folder(folder).train, "--data-root", tmp_path / "empty", "--device", "cpu",
-                  "--out", tmp_path / "run")
-    assert PAPERS[folder].data_files in err and "--data-root" in err, err
-    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the data root
+    root = tmp_path / "mistyped" / "data"
+    err = exits_2(capsys, load_folder(folder).train, "--data-root", root, "--device", "cpu", "--out", tmp_path / "run")
+    assert PAPERS[folder].data_files in err and "--data-root" in err and str(root) in err, err
+    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the mistyped data root

@@ -1,10 +1,8 @@
-"""The trio is the paper; support.py is the rest, one file copied into every folder.
-
-support.py is edited in DCGAN/ and copied to the six other folders: the copies must stay identical, and this
-test names the first line where one has drifted. The trio (model.py, train.py, dataset.py) keeps to its line
-budget and imports nothing but the paper's libraries, support and its own modules.
-"""
+"""The trio (model.py, train.py, dataset.py) is the paper: it keeps to its line budget and imports nothing but the
+paper's libraries, support and its own modules. support.py is the rest, edited in DCGAN/ and copied to the six other
+folders: the copies must stay identical, and a drifted one is named with its first different line."""
 import ast
+import itertools
 
 import pytest
 
@@ -20,14 +18,8 @@ PAPER_IMPORTS = {"math", "sys", "numpy", "torch", "torchvision", "support", "mod
 
 def first_difference(reference, copy):
     """(line number, reference line, copy line) of the first line where two texts differ, or None."""
-    a, b = reference.splitlines(), copy.splitlines()
-    for number, (line_a, line_b) in enumerate(zip(a, b), 1):
-        if line_a != line_b:
-            return number, line_a, line_b
-    if len(a) != len(b):
-        end = min(len(a), len(b))
-        return end + 1, (a[end:] or ["<end of file>"])[0], (b[end:] or ["<end of file>"])[0]
-    return None
+    pairs = itertools.zip_longest(reference.splitlines(), copy.splitlines(), fillvalue="<end of file>")
+    return next(((number, a, b) for number, (a, b) in enumerate(pairs, 1) if a != b), None)
 
 
 def test_first_difference_names_the_line():

@@ -1,6 +1,5 @@
-"""The data path of support.py, through DCGAN's dataset.py: LSUN through torchvision's reader, the decode cache,
-where the decoded set is kept (--data-on), and the data faults a user can fix (bad image files, read-only folders,
-corrupt MNIST files, a full disk), each a one-line error or a warning, leaving nothing behind."""
+"""support.py's data path through DCGAN's dataset.py: LSUN, the decode cache, --data-on, and the data faults a user
+can fix (bad images, read-only folders, corrupt MNIST, a full disk): a one-line error or a warning, nothing left."""
 import gzip
 import io
 import json
@@ -14,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (QUICK, assert_same_networks, exits_2, failing_writes, load_checkpoint, load_folder, run_main,
-                      tiny_mnist, write_idx)
+from conftest import (QUICK, assert_same_networks, exits_2, failing_writes, load_checkpoint, load_folder, quick_run,
+                      run_main, tiny_mnist, write_idx)
 
 dcgan = load_folder("DCGAN")
 support, data = dcgan.support, dcgan.dataset
@@ -38,11 +37,6 @@ def expected(files, size):
 
 def cache_files(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".decoded-"))
-
-
-def dcgan_run(*flags):
-    """DCGAN's train.main in this process with the tiny flags (MNIST unless FLAGS name another set)."""
-    return run_main(dcgan.train, *QUICK["DCGAN"], *flags)
 
 
 @pytest.fixture
@@ -85,8 +79,7 @@ def test_lsun_is_read_through_torchvision_and_trains_leaving_no_key_list(tmp_pat
     assert len(cache_files(tmp_path / "data" / "lsun")) == 2  # the images and their description
     assert torch.equal(data.load_images("lsun", tmp_path / "data", 32), images)  # bedroom_train is the default
     capsys.readouterr()
-    assert dcgan_run("--dataset", "lsun", "--data-root", tmp_path / "data", "--max-steps", 2,
-                     "--out", tmp_path / "run") == 0
+    quick_run("DCGAN", tmp_path / "data", tmp_path / "run", "--dataset", "lsun", "--max-steps", 2)
     assert "DCGAN on lsun (36 images" in capsys.readouterr().out and list(workdir.iterdir()) == []
 
 
@@ -149,11 +142,10 @@ def test_auto_keeps_a_set_that_does_not_fit_in_memory_on_disk(tmp_path, monkeypa
 
 
 def test_training_on_disk_equals_training_on_the_device(small_mnist, tmp_path, capsys):
-    common = ["--data-root", small_mnist[0], "--batch-size", 4, "--max-steps", 3]
     capsys.readouterr()
-    assert dcgan_run(*common, "--data-on", "device", "--out", tmp_path / "device") == 0
+    quick_run("DCGAN", small_mnist[0], tmp_path / "device", "--batch-size", 4, "--max-steps", 3, "--data-on", "device")
     assert "data on cpu (--data-on device)" in capsys.readouterr().out
-    assert dcgan_run(*common, "--data-on", "disk", "--max-steps", 2, "--out", tmp_path / "disk") == 0
+    quick_run("DCGAN", small_mnist[0], tmp_path / "disk", "--batch-size", 4, "--max-steps", 2, "--data-on", "disk")
     assert "data mapped from a temporary file, copied to cpu a batch ahead (--data-on disk)" in capsys.readouterr().out
     assert run_main(dcgan.train, "--resume", tmp_path / "disk", "--data-on", "host", "--max-steps", 3) == 0
     assert_same_networks(load_checkpoint(tmp_path / "device"), load_checkpoint(tmp_path / "disk"))
@@ -162,15 +154,14 @@ def test_training_on_disk_equals_training_on_the_device(small_mnist, tmp_path, c
 # --- the decode cache -------------------------------------------------------------------------------------------
 
 def test_the_first_run_of_a_seed_equals_every_later_run(tmp_path):
-    """The first run decodes the image folder, the second finds its cache: the decode draws nothing from the
-    training's seeded random stream, so both end at the same weights."""
+    """The first run decodes, the second finds the cache: decoding draws nothing from the training's streams."""
     folder = make_images(tmp_path / "images", 40)
-    flags = ["--dataset", "folder", "--data-root", folder, "--seed", 0, "--max-steps", 3]
-    assert dcgan_run(*flags, "--out", tmp_path / "decoded") == 0
+    flags = ["--dataset", "folder", "--seed", 0, "--max-steps", 3]
+    quick_run("DCGAN", folder, tmp_path / "decoded", *flags)
     caches = list(folder.glob(".decoded-32px-*.u8"))
     assert len(caches) == 1 and caches[0].stat().st_size == 40 * 3 * 32 * 32
     written = caches[0].stat().st_mtime_ns
-    assert dcgan_run(*flags, "--out", tmp_path / "cached") == 0
+    quick_run("DCGAN", folder, tmp_path / "cached", *flags)
     assert caches[0].stat().st_mtime_ns == written  # decoded once
     assert_same_networks(load_checkpoint(tmp_path / "decoded"), load_checkpoint(tmp_path / "cached"))
 
@@ -255,7 +246,7 @@ def test_unreadable_images_end_to_end(tmp_path, capsys):
     common = ["--dataset", "folder", "--data-root", folder, "--cache-dir", tmp_path / "cache", "--max-steps", 1]
     err = exits_2(capsys, dcgan.train, *QUICK["DCGAN"], *common, "--strict-images", "--out", tmp_path / "strict")
     assert "cut.png" in err and "--strict-images" in err
-    assert dcgan_run(*common, "--data-on", "disk", "--out", tmp_path / "lenient") == 0
+    assert run_main(dcgan.train, *QUICK["DCGAN"], *common, "--data-on", "disk", "--out", tmp_path / "lenient") == 0
     out, err = capsys.readouterr()
     assert "left out 2 of 14" in err and "notes.png" in err and f"data mapped from {tmp_path / 'cache'}" in out
     assert len(cache_files(tmp_path / "cache")) == 2
@@ -336,5 +327,5 @@ def test_a_failed_load_leaves_no_folders_in_the_data_root(tmp_path, offline, cap
             data.load_images(dataset, root, 32)
     assert list(root.iterdir()) == []
     err = exits_2(capsys, dcgan.train, *QUICK["DCGAN"], "--data-root", tmp_path / "typo", "--out", tmp_path / "run")
-    assert "train-images-idx3-ubyte" in err and "--data-root" in err
+    assert "train-images-idx3-ubyte" in err and "--data-root" in err and str(tmp_path / "typo") in err
     assert sorted(tmp_path.iterdir()) == [root]

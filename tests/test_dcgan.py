@@ -1,33 +1,12 @@
-"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, and the losses of Alg. 1 by value and gradient. What
-every folder shares (runs, resume, faults) is tested in test_common.py."""
-import math
+"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, and the losses of Alg. 1 by value and gradient."""
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import load_folder
+from conftest import FixedG, PixelSumD, bce, load_folder, sigmoid, small_networks
 
 dcgan = load_folder("DCGAN")
-
-
-def small_models(channels=1):
-    torch.manual_seed(0)
-    G, D = dcgan.model.Generator(32, channels, width=8), dcgan.model.Discriminator(32, channels, width=8)
-    G.apply(dcgan.model.init_weights)
-    D.apply(dcgan.model.init_weights)
-    return G, D
-
-
-@pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_output_shapes(size, channels):
-    G = dcgan.model.Generator(size, channels, width=16)
-    D = dcgan.model.Discriminator(size, channels, width=16)
-    images = G(dcgan.model.sample_z(5))
-    assert images.shape == (5, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # tanh output
-    assert D(images).shape == (5,)
 
 
 def test_fig1_generator_widths_at_64px():
@@ -38,20 +17,6 @@ def test_fig1_generator_widths_at_64px():
         (1024, 512, (5, 5), (2, 2)), (512, 256, (5, 5), (2, 2)), (256, 128, (5, 5), (2, 2)), (128, 3, (5, 5), (2, 2))]
     convs = [m for m in dcgan.model.Discriminator(64, 3).modules() if isinstance(m, nn.Conv2d)]
     assert [m.out_channels for m in convs] == [128, 256, 512, 1024]
-
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_every_layer_doubles_or_halves_the_size_exactly(size):
-    G, D = dcgan.model.Generator(size, 3, width=8), dcgan.model.Discriminator(size, 3, width=8)
-    seen = []
-    for m in [*G.modules(), *D.modules()]:
-        if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
-            m.register_forward_hook(lambda mod, inp, out: seen.append((type(mod), inp[0].shape[-1], out.shape[-1])))
-    D(G(dcgan.model.sample_z(2)))
-    ups = [(i, o) for kind, i, o in seen if kind is nn.ConvTranspose2d]
-    downs = [(i, o) for kind, i, o in seen if kind is nn.Conv2d]
-    assert ups[0][0] == 4 and ups[-1][1] == size and all(o == 2 * i for i, o in ups)
-    assert downs[0][0] == size and downs[-1][1] == 4 and all(2 * o == i for i, o in downs)
 
 
 def test_no_batch_norm_on_G_output_or_D_input_and_no_bias_anywhere():
@@ -73,10 +38,7 @@ def test_no_batch_norm_on_G_output_or_D_input_and_no_bias_anywhere():
 
 
 def test_init_statistics():
-    torch.manual_seed(0)
-    G, D = dcgan.model.Generator(64, 3), dcgan.model.Discriminator(64, 3)
-    G.apply(dcgan.model.init_weights)
-    D.apply(dcgan.model.init_weights)
+    G, D = small_networks("DCGAN", 3, 64, dcgan.model.WIDTH)
     for m in [*G.modules(), *D.modules()]:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             assert abs(m.weight.std().item() - 0.02) < 0.002 and abs(m.weight.mean().item()) < 0.002
@@ -86,7 +48,7 @@ def test_init_statistics():
 
 
 def test_D_step_leaves_G_unchanged_and_G_step_leaves_D_unchanged():
-    G, D = small_models()
+    G, D = small_networks("DCGAN")
     opt_G = torch.optim.Adam(G.parameters(), 2e-4, (0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), 2e-4, (0.5, 0.999))
     x = torch.rand(8, 1, 32, 32) * 2 - 1
@@ -107,37 +69,14 @@ def test_D_step_leaves_G_unchanged_and_G_step_leaves_D_unchanged():
     assert all(p.requires_grad for p in D.parameters())  # D is trainable again afterwards
 
 
-def test_sampling_changes_no_batch_norm_buffer_and_is_deterministic():
-    G, _ = small_models()
-    G(dcgan.model.sample_z(16))  # a training forward gives the running statistics non-default values
-    buffers = {k: v.clone() for k, v in G.state_dict().items()}
-    z = dcgan.model.sample_z(4)
-    first, second = dcgan.model.sample(G, z), dcgan.model.sample(G, z)
-    assert torch.equal(first, second)
-    assert all(torch.equal(buffers[k], v) for k, v in G.state_dict().items())
-    assert G.training  # the mode it was in is restored
-
-
-def test_z_is_uniform_on_minus_one_one():
-    z = dcgan.model.sample_z(20000)
-    assert z.shape == (20000, 100) and z.min() >= -1 and z.max() <= 1
-    assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1 / 3) < 0.01
-
-
-def test_pixels_are_scaled_to_tanh_range_and_fed_in_batches():
+def test_pixels_are_scaled_to_tanh_range():
     images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
     assert dcgan.dataset.to_tanh_range(images).flatten().tolist() == pytest.approx([-1, 51 / 127.5 - 1, 1])
-    batch = next(dcgan.dataset.batches(images, 3, "cpu", seed=0))
-    assert sorted(batch.flatten().tolist()) == pytest.approx([-1, 51 / 127.5 - 1, 1])
 
 
 # --- the losses at known logits ---------------------------------------------------------------------
 
 LOGITS = torch.tensor([-2.0, -0.5, 0.0, 1.5])
-
-
-def sigmoid(logit):
-    return 1 / (1 + math.exp(-logit))
 
 
 class KnownLogits(nn.Module):
@@ -151,32 +90,15 @@ class KnownLogits(nn.Module):
         return torch.where(x.flatten(1)[:, 0] > 0, self.real, self.fake)
 
 
-class LogitImages(nn.Module):
-    """G(z) = one-pixel images with learnable pixels, which PixelLogit, as D, returns as its logits."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.pixels = nn.Parameter(logits.clone())
-
-    def forward(self, z):
-        return self.pixels.view(-1, 1, 1, 1)
-
-
-class PixelLogit(nn.Module):
-    def forward(self, x):
-        return x.flatten(1)[:, 0]
-
-
 def test_D_loss_and_its_gradient_at_known_logits():
     """Alg. 1: D descends -log D(x) - log(1 - D(G(z))), each term a mean over the minibatch: with logits l, the
     value is mean log(1 + e^-l_real) + mean log(1 + e^l_fake), the gradient (sigmoid(l) - target) / m."""
     real, fake = LOGITS, LOGITS.flip(0)
-    D, G = KnownLogits(real, fake), LogitImages(torch.zeros(4))
+    D, G = KnownLogits(real, fake), FixedG(torch.zeros(4, 1, 1, 1))
     loss, D_x, D_G_z = dcgan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), lr=1.0),
                                                       torch.ones(4, 1, 1, 1), torch.zeros(4, 1))
     m = len(real)
-    assert loss.item() == pytest.approx(sum(-math.log(sigmoid(l)) for l in real.tolist()) / m
-                                        + sum(-math.log(1 - sigmoid(l)) for l in fake.tolist()) / m)
+    assert loss.item() == pytest.approx(bce(real.tolist(), 1) + bce(fake.tolist(), 0))
     assert D_x.item() == pytest.approx(sum(map(sigmoid, real.tolist())) / m)
     assert D_G_z.item() == pytest.approx(sum(map(sigmoid, fake.tolist())) / m)
     # one SGD step of size 1 moves each logit by minus its gradient
@@ -187,10 +109,8 @@ def test_D_loss_and_its_gradient_at_known_logits():
 def test_G_loss_and_its_gradient_at_known_logits():
     """The non-saturating G loss, -log D(G(z)) as a mean: value mean log(1 + e^-l), gradient (sigmoid(l) - 1) / m
     (the saturating log(1 - D(G(z))) would have the gradient sigmoid(l) / m instead)."""
-    G = LogitImages(LOGITS)
-    loss = dcgan.train.generator_step(G, PixelLogit(), torch.optim.SGD(G.parameters(), lr=1.0),
-                                      torch.zeros(4, 1))
-    m = len(LOGITS)
-    assert loss.item() == pytest.approx(sum(-math.log(sigmoid(l)) for l in LOGITS.tolist()) / m)
-    assert (LOGITS - G.pixels.detach()).tolist() == pytest.approx([(sigmoid(l) - 1) / m for l in LOGITS.tolist()],
-                                                                  abs=1e-6)
+    G = FixedG(LOGITS.view(4, 1, 1, 1))  # one-pixel images, which PixelSumD returns as its logits
+    loss = dcgan.train.generator_step(G, PixelSumD(), torch.optim.SGD(G.parameters(), lr=1.0), torch.zeros(4, 1))
+    assert loss.item() == pytest.approx(bce(LOGITS.tolist(), 1))
+    assert (LOGITS - G.images.detach().flatten()).tolist() == pytest.approx(
+        [(sigmoid(l) - 1) / len(LOGITS) for l in LOGITS.tolist()], abs=1e-6)

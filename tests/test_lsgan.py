@@ -1,45 +1,15 @@
-"""LSGAN/: §3.2's least squares losses by value and gradient, the codings, a D without sigmoid, the figure's
-shapes and init, z's prior and the data's range. What every folder shares (runs, resume, signals, bad flags)
-is in test_common.py."""
+"""LSGAN/: §3.2's least squares losses by value and gradient, the codings, a D without sigmoid, and the figure's
+networks, their sizes and init."""
 import pytest
 import torch
 from torch import nn
 
-from conftest import exits_2, load_folder
+from conftest import (assert_image_shapes, conv_sizes, exits_2, frozen_d_update, frozen_g_update, linear_pair,
+                      load_folder, small_networks, value_and_grads)
 
 lsgan = load_folder("LSGAN")
 model, train = lsgan.model, lsgan.train
 CODINGS = train.CODINGS
-
-
-class LinearD(nn.Module):
-    """D(x) = w . x for each sample: every answer, and its gradient w.r.t. w (x itself), is known."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x):
-        return (x * self.w).flatten(1).sum(1)
-
-
-class ConstantG(nn.Module):
-    """G(z) = the same learnable image for every z."""
-
-    def __init__(self, image):
-        super().__init__()
-        self.image = nn.Parameter(image.clone())
-
-    def forward(self, z):
-        return self.image.expand(len(z), *self.image.shape)
-
-
-def small_models(channels=1, size=32):
-    torch.manual_seed(0)
-    G, D = model.Generator(size, channels, width=8), model.Discriminator(size, channels, width=8)
-    G.apply(model.init_weights)
-    D.apply(model.init_weights)
-    return G, D
 
 
 # --- the losses (§3.2) ---------------------------------------------------------------------------
@@ -83,13 +53,9 @@ REAL_OUT, FAKE_OUT = [1.5, 0.0, -1.0, 2.0], [0.5, -2.0]
 ])
 def test_D_loss_by_value_and_gradient_at_known_outputs(name, value, real_grad, fake_grad):
     a, b, _ = CODINGS[name]
-    real = torch.tensor(REAL_OUT, dtype=torch.float64, requires_grad=True)
-    fake = torch.tensor(FAKE_OUT, dtype=torch.float64, requires_grad=True)
-    loss = train.discriminator_loss(real, fake, a, b)
-    loss.backward()
-    assert loss.item() == pytest.approx(value, abs=1e-12)
-    assert real.grad.tolist() == pytest.approx(real_grad, abs=1e-12)
-    assert fake.grad.tolist() == pytest.approx(fake_grad, abs=1e-12)
+    loss, real, fake = value_and_grads(train.discriminator_loss, [REAL_OUT, FAKE_OUT], a, b)
+    assert loss == pytest.approx(value, abs=1e-12)
+    assert real == pytest.approx(real_grad, abs=1e-12) and fake == pytest.approx(fake_grad, abs=1e-12)
 
 
 @pytest.mark.parametrize("name, value, grad", [
@@ -97,43 +63,32 @@ def test_D_loss_by_value_and_gradient_at_known_outputs(name, value, real_grad, f
     ("pearson", (0.25 + 4 + 4) / 6, [0.5 / 3, -2 / 3, 2 / 3]),  # residuals (0.5, -2, 2) from c = 0
 ])
 def test_G_loss_by_value_and_gradient_at_known_outputs(name, value, grad):
-    _, _, c = CODINGS[name]
-    fake = torch.tensor([0.5, -2.0, 2.0], dtype=torch.float64, requires_grad=True)
-    loss = train.generator_loss(fake, c)
-    loss.backward()
-    assert loss.item() == pytest.approx(value, abs=1e-12)
-    assert fake.grad.tolist() == pytest.approx(grad, abs=1e-12)
+    loss, fake = value_and_grads(train.generator_loss, [[0.5, -2.0, 2.0]], CODINGS[name][2])
+    assert loss == pytest.approx(value, abs=1e-12) and fake == pytest.approx(grad, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(CODINGS))
 def test_the_updates_take_the_gradient_of_their_loss_and_hold_the_other_network_fixed(name):
     a, b, c = CODINGS[name]
-    torch.manual_seed(0)
-    w, image, x = torch.randn(1, 2, 2), torch.randn(1, 2, 2), torch.randn(4, 1, 2, 2)
-    G, D = ConstantG(image), LinearD(w)
+    G, D, x, w, image = linear_pair()
     # lr 0: the loss and gradient of D's update, nothing moves
-    loss, real_mean, fake_mean = train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x,
-                                                          torch.zeros(4, 1), CODINGS[name])
+    loss, real_mean, fake_mean = frozen_d_update(train.discriminator_step, G, D, x, CODINGS[name])
     real_out, fake_out = (x * w).flatten(1).sum(1), (image * w).sum()
     assert torch.allclose(loss, 0.5 * ((real_out - b) ** 2).mean() + 0.5 * (fake_out - a) ** 2, atol=1e-6)
     assert torch.allclose(real_mean, real_out.mean(), atol=1e-6) and torch.allclose(fake_mean, fake_out, atol=1e-6)
     # d/dw: sum_i (D(x_i) - b) x_i / m + (D(G(z)) - a) G's image (the m fakes are one image)
     expected = ((real_out - b).view(4, 1, 1, 1) * x).mean(0) + (fake_out - a) * image
     assert torch.allclose(D.w.grad, expected, atol=1e-6)
-    assert G.image.grad is None  # G held fixed: the fakes carry no graph
-
-    D.w.grad = None
     # G's update: 1/2 (w . image - c)^2, whose gradient w.r.t. the image is (w . image - c) w
-    loss_G = train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(4, 1), CODINGS[name])
+    loss_G = frozen_g_update(train.generator_step, G, D, 4, CODINGS[name])
     assert torch.allclose(loss_G, 0.5 * (fake_out - c) ** 2, atol=1e-6)
     assert torch.allclose(G.image.grad, (fake_out - c) * w, atol=1e-6)
-    assert D.w.grad is None and D.w.requires_grad  # D held fixed, and trainable again afterwards
 
 
 @pytest.mark.parametrize("name", sorted(CODINGS))
 def test_D_steps_regress_D_to_its_codes(name):
     a, b, _ = CODINGS[name]
-    G, D = small_models()
+    G, D = small_networks("LSGAN")
     opt_D = torch.optim.Adam(D.parameters(), 1e-3, (0.5, 0.999))
     x, z = torch.rand(16, 1, 32, 32) * 2 - 1, model.sample_z(16)
     losses = [train.discriminator_step(G, D, opt_D, x, z, CODINGS[name]) for _ in range(25)]
@@ -149,7 +104,7 @@ BOUNDED = (nn.Sigmoid, nn.LogSigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardtanh, nn.S
 
 @pytest.mark.parametrize("size", [32, 112])
 def test_no_sigmoid_anywhere_in_D_and_its_output_is_unbounded(size):
-    _, D = small_models(3, size)
+    _, D = small_networks("LSGAN", 3, size)
     D.eval()  # batch norm at its initial statistics (mean 0, variance 1): D's answer depends on x alone
     assert not [m for m in D.modules() if isinstance(m, BOUNDED)]
     x = torch.rand(8, 3, size, size) * 2 - 1
@@ -184,18 +139,10 @@ def test_figure_layers_at_112px():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_layer_doubles_keeps_or_halves_the_size_exactly(size, channels):
     G, D = model.Generator(size, channels, width=8), model.Discriminator(size, channels, width=8)
-    seen = []
-    for m in [*G.modules(), *D.modules()]:
-        if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
-            m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0].shape[-1], out.shape[-1])))
-    images = G(model.sample_z(2))
-    assert images.shape == (2, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # tanh output
-    assert D(images).shape == (2,)
-    ups = [(m.stride[0], i, o) for m, i, o in seen if isinstance(m, nn.ConvTranspose2d)]
-    downs = [(i, o) for m, i, o in seen if isinstance(m, nn.Conv2d)]
-    assert ups[0][1] == size // 16 and ups[-1][2] == size and all(o == s * i for s, i, o in ups)
-    assert downs[0][0] == size and downs[-1][1] == size // 16 and all(2 * o == i for i, o in downs)
+    assert_image_shapes(G, D, model.sample_z(2), channels, size)
+    ups, downs = conv_sizes(G, D, model.sample_z(2))
+    assert ups[0][1] == size // 16 and ups[-1][2] == size and all(o == m.stride[0] * i for m, i, o in ups)
+    assert downs[0][1] == size and downs[-1][2] == size // 16 and all(2 * o == i for _, i, o in downs)
 
 
 @pytest.mark.parametrize("size", [16, 28, 50])
@@ -206,10 +153,7 @@ def test_sizes_that_are_not_multiples_of_16_are_refused(size, capsys):
 
 
 def test_init_statistics():
-    torch.manual_seed(0)
-    G, D = model.Generator(64, 3), model.Discriminator(64, 3)
-    G.apply(model.init_weights)
-    D.apply(model.init_weights)
+    G, D = small_networks("LSGAN", 3, 64, model.WIDTH)
     for m in [*G.modules(), *D.modules()]:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.weight.numel() > 10000:
             expected = 0.02 * 0.88 if isinstance(m, nn.Conv2d) else 0.02  # a normal truncated at 2 sigma
@@ -220,25 +164,3 @@ def test_init_statistics():
             assert torch.all(m.weight == 1)
         if getattr(m, "bias", None) is not None:
             assert torch.all(m.bias == 0)
-
-
-def test_sampling_changes_no_batch_norm_buffer_and_is_deterministic():
-    G, _ = small_models()
-    G(model.sample_z(16))  # a training forward gives the running statistics non-default values
-    buffers = {k: v.clone() for k, v in G.state_dict().items()}
-    z = model.sample_z(4)
-    assert torch.equal(model.sample(G, z), model.sample(G, z))
-    assert all(torch.equal(buffers[k], v) for k, v in G.state_dict().items())
-    assert G.training
-
-
-# --- z and the data -------------------------------------------------------------------------------
-
-def test_z_is_1024_dimensional_uniform_on_minus_one_one_and_pixels_are_scaled_to_tanh_range():
-    z = model.sample_z(20000)
-    assert z.shape == (20000, 1024) and z.min() >= -1 and z.max() <= 1
-    assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1 / 3) < 0.01
-    assert train.Z_PRIOR == "uniform_-1_1"  # the prior --evaluate's samples are drawn from
-    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
-    x = next(lsgan.dataset.batches(pixels, 3, "cpu", seed=0))
-    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])

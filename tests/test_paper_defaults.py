@@ -1,19 +1,11 @@
-"""The folders against their papers: every hyperparameter default (all seven folders), and in the five
-convolutional folders every place where two networks must see the same inputs (the losses' values and
-gradients are in each folder's own test file; the MLP folders' inputs in test_simplegan.py, test_cgan.py and
-test_table1.py).
-
-- Defaults: a table per folder holds each hyperparameter flag's default against `train.build_parser()`,
-  whose help for the flag must name the source (the paper; the official code where the paper is silent).
-- Shared inputs: stand-ins record what they are given; the folders' own train.main runs two generator
-  steps with its step functions wrapped, and the wrappers record which networks, optimisers and inputs
-  each step received.
-"""
+"""The folders against their papers: every hyperparameter default, with its source in the flag's help, and in the
+convolutional folders every place where two networks must see the same inputs, in the step functions (stand-ins
+record what they are given) and in train.main (its wrapped steps record their networks, optimisers and inputs)."""
 import pytest
 import torch
 from torch import nn
 
-from conftest import CONVOLUTIONAL, D_STEP, load_folder, run_main
+from conftest import CONVOLUTIONAL, D_STEP, LinearD, load_folder, run_main, small_networks
 
 folders = {name: load_folder(name) for name in CONVOLUTIONAL}
 
@@ -48,13 +40,14 @@ DEFAULTS = {
 # What a help text says to name a source.
 CITATIONS = ("§", "Alg.", "Fig.", "Table", "Eq.", "App.", "figure", "paper", "official")
 
-# The optimiser each network gets under the defaults: Adam (lr, (beta1, beta2)) or RMSProp (lr, alpha, momentum).
+# The optimiser each network gets under the defaults: Adam (lr, (beta1, beta2), weight decay) or RMSProp (lr, alpha,
+# momentum, eps, centred).
 OPTIMISERS = {
-    "DCGAN": ("Adam", 2e-4, (0.5, 0.999)),  # §4
-    "WGAN": ("RMSprop", 5e-5, 0.99, 0.0),  # Alg. 1, §4.2: no momentum; official code: PyTorch's alpha 0.99
-    "WGAN-GP": ("Adam", 1e-4, (0.0, 0.9)),  # Alg. 1
-    "LSGAN": ("Adam", 1e-3, (0.5, 0.999)),  # §4.1; official code: train_lsun.py
-    "SN-DCGAN": ("Adam", 1e-4, (0.5, 0.999)),  # Table 1, setting B
+    "DCGAN": ("Adam", 2e-4, (0.5, 0.999), 0.0),  # §4; the official code's weight decay is off by default
+    "WGAN": ("RMSprop", 5e-5, 0.99, 0.0, 1e-8, False),  # Alg. 1, §4.2: no momentum; official code: PyTorch's rest
+    "WGAN-GP": ("Adam", 1e-4, (0.0, 0.9), 0.0),  # Alg. 1
+    "LSGAN": ("Adam", 1e-3, (0.5, 0.999), 0.0),  # §4.1; official code: train_lsun.py
+    "SN-DCGAN": ("Adam", 1e-4, (0.5, 0.999), 0.0),  # Table 1, setting B
 }
 # D (critic) updates before each of the first two G updates under the defaults.
 D_STEPS = {
@@ -95,55 +88,17 @@ SHAPE = (1, 2, 2)  # the stand-ins' images: one channel, 2x2 pixels
 N = 8
 
 
-class LinearG(nn.Module):
-    """G(z) = tanh(Wz): deterministic, different for every z, no batch coupling."""
-
-    def __init__(self, z_dim=3):
-        super().__init__()
-        self.linear = nn.Linear(z_dim, 4)
-
-    def forward(self, z):
-        return torch.tanh(self.linear(z)).view(len(z), *SHAPE)
+def stand_ins():
+    """G(z) = tanh(Wz): a different image for every z, no batch coupling; D(x) = w . x, w = (0.3, -0.2, 0, 0)."""
+    torch.manual_seed(0)
+    return (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Unflatten(1, SHAPE)),
+            LinearD(torch.tensor([0.3, -0.2, 0.0, 0.0]).view(SHAPE)))
 
 
-class LinearD(nn.Module):
-    """D(x) = sum over pixels of w * x, no bias, with w = (w_a, w_b, 0, 0). Every batch it is given is recorded
-    in `seen`."""
-
-    def __init__(self, w_a, w_b):
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([w_a, w_b, 0.0, 0.0]).view(SHAPE))
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return (x * self.weight).flatten(1).sum(1)
-
-
-def z_batch(n=N, z_dim=3):
-    return torch.randn(n, z_dim)
-
-
-def d_step(name, G, D, opt, x, z, variant=None):
-    """One D (critic) update of the folder with its loss variant (LSGAN's coding, SN-DCGAN's loss, WGAN-GP's
-    lambda, 0 unless given); WGAN's clip is set far outside the weights, so that it does nothing here."""
-    train = folders[name].train
-    if name == "DCGAN":
-        return train.discriminator_step(G, D, opt, x, z)
-    if name == "WGAN":
-        return train.critic_step(G, D, opt, x, z, 1e9)
-    if name == "WGAN-GP":
-        return train.critic_step(G, D, opt, x, z, 0.0 if variant is None else variant)
-    coding = train.CODINGS[variant] if name == "LSGAN" else variant
-    return train.discriminator_step(G, D, opt, x, z, coding)
-
-
-def g_step(name, G, D, opt, z, variant=None):
-    train = folders[name].train
-    if name in ("DCGAN", "WGAN", "WGAN-GP"):
-        return train.generator_step(G, D, opt, z)
-    coding = train.CODINGS[variant] if name == "LSGAN" else variant
-    return train.generator_step(G, D, opt, z, coding)
+def step_options(name, variant):
+    """The D and G steps' extra arguments: the loss variant, WGAN-GP's lambda, WGAN's clip far outside the weights."""
+    variant = folders[name].train.CODINGS[variant] if name == "LSGAN" else variant
+    return {"DCGAN": (), "WGAN": (1e9,)}.get(name, (variant,)), (variant,) if name in ("LSGAN", "SN-DCGAN") else ()
 
 
 # --- the same inputs where the paper needs them -------------------------------------------------------
@@ -160,26 +115,29 @@ VARIANTS = [("DCGAN", None), ("WGAN", None), ("WGAN-GP", 10.0), ("LSGAN", "0-1")
 
 
 @pytest.mark.parametrize("name, variant", VARIANTS)
-def test_D_step_sees_the_given_real_batch_and_G_of_the_given_z(name, variant):
-    torch.manual_seed(0)
-    G, D = LinearG(), LinearD(0.3, -0.2)
-    x, z = torch.rand(N, *SHAPE) * 2 - 1, z_batch()
-    d_step(name, G, D, torch.optim.SGD(D.parameters(), lr=0.01), x, z, variant)
+def test_the_steps_see_the_given_real_batch_and_G_of_the_given_z(name, variant):
+    G, D = stand_ins()
+    x, z = torch.rand(N, *SHAPE) * 2 - 1, torch.randn(N, 3)
+    d_options, g_options = step_options(name, variant)
+    getattr(folders[name].train, D_STEP[name])(G, D, torch.optim.SGD(D.parameters(), lr=0.01), x, z, *d_options)
     with torch.no_grad():
         fake = G(z)
-    assert contains(D.seen, x), name  # the real term: the minibatch that was drawn
-    assert contains(D.seen, fake), name  # the fake term: G(z) for the z that was drawn, from the fixed G
+    assert contains(D.inputs, x), name  # the real term: the minibatch that was drawn
+    assert contains(D.inputs, fake), name  # the fake term: G(z) for the z that was drawn, from the fixed G
+    D.inputs.clear()
+    # G's step sends G(z) of the given z through the given D
+    folders[name].train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, *g_options)
+    assert len(D.inputs) == 1 and torch.equal(D.inputs[0], fake), name
 
 
 def test_wgan_gp_penalty_is_taken_between_the_critic_terms_own_real_and_fake_samples():
     """Alg. 1 lines 4-7: x^ = eps x + (1 - eps) x~ with the x and x~ = G(z) of the same iteration, pair by pair."""
-    torch.manual_seed(0)
-    G, D = LinearG(), LinearD(0.3, -0.2)
-    x, z = torch.rand(16, *SHAPE) * 2 - 1, z_batch(16)
-    d_step("WGAN-GP", G, D, torch.optim.SGD(D.parameters(), lr=0.01), x, z, 10.0)
+    G, D = stand_ins()
+    x, z = torch.rand(16, *SHAPE) * 2 - 1, torch.randn(16, 3)
+    folders["WGAN-GP"].train.critic_step(G, D, torch.optim.SGD(D.parameters(), lr=0.01), x, z, 10.0)
     with torch.no_grad():
         fake = G(z)
-    others = [batch for batch in D.seen if not contains([batch], x) and not contains([batch], fake)]
+    others = [batch for batch in D.inputs if not contains([batch], x) and not contains([batch], fake)]
     assert len(others) == 1, "the critic is evaluated once on the interpolates"
     direction, offset = (x - fake).flatten(1), (others[0] - fake).flatten(1)
     eps = (offset * direction).sum(1) / (direction * direction).sum(1)
@@ -189,62 +147,39 @@ def test_wgan_gp_penalty_is_taken_between_the_critic_terms_own_real_and_fake_sam
     assert eps.max() - eps.min() > 0.3  # drawn per sample: not one end of every segment
 
 
-@pytest.mark.parametrize("name, variant", VARIANTS)
-def test_G_step_sends_G_of_the_given_z_through_the_given_D(name, variant):
-    torch.manual_seed(0)
-    G, D = LinearG(), LinearD(0.3, -0.2)
-    z = z_batch()
-    with torch.no_grad():
-        fake = G(z)
-    g_step(name, G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, variant)
-    assert len(D.seen) == 1 and torch.equal(D.seen[0], fake), name
-
-
 # --- the same wiring inside train.main -----------------------------------------------------------------
-
-def run_main_recording(name, data_root, out):
-    """train.main for two generator steps at the defaults (tiny networks), with its step functions wrapped."""
-    train = folders[name].train
-    d_name = D_STEP[name]
-    real_d_step, real_g_step = getattr(train, d_name), train.generator_step
-    record = {"D": [], "G": []}
-
-    def recording_d_step(G, D, opt, x, z, *rest, **options):
-        result = real_d_step(G, D, opt, x, z, *rest, **options)
-        record["D"].append({"G": G, "D": D, "opt": opt, "x": x.clone(), "z": z.clone(),
-                            "D_after": [p.detach().clone() for p in D.parameters()], "G_step": len(record["G"])})
-        return result
-
-    def recording_g_step(G, D, opt, z, *rest, **options):
-        record["G"].append({"G": G, "D": D, "opt": opt, "z": z.clone(),
-                            "D_now": [p.detach().clone() for p in D.parameters()]})
-        return real_g_step(G, D, opt, z, *rest, **options)
-
-    setattr(train, d_name, recording_d_step)
-    train.generator_step = recording_g_step
-    try:
-        code = run_main(train, "--dataset", "mnist", "--data-root", data_root, "--image-size", 32, "--width", 8,
-                        "--batch-size", 4, "--max-steps", 2, "--device", "cpu", "--out", out)
-    finally:
-        setattr(train, d_name, real_d_step)
-        train.generator_step = real_g_step
-    assert code == 0
-    return record
-
 
 def optimiser_settings(opt):
     group = opt.param_groups[0]
     if isinstance(opt, torch.optim.Adam):
-        return ("Adam", group["lr"], tuple(group["betas"]))
-    return (type(opt).__name__, group["lr"], group["alpha"], group["momentum"])
+        return ("Adam", group["lr"], tuple(group["betas"]), group["weight_decay"])
+    return (type(opt).__name__, group["lr"], group["alpha"], group["momentum"], group["eps"], group["centered"])
 
 
 @pytest.mark.parametrize("name", CONVOLUTIONAL)
-def test_main_wires_the_networks_optimisers_and_inputs_as_the_paper_does(name, mnist_root, tmp_path):
-    record = run_main_recording(name, mnist_root, tmp_path / "run")
-    assert len(record["G"]) == 2
-    for step, g in enumerate(record["G"]):
-        ds = [d for d in record["D"] if d["G_step"] == step]
+def test_main_wires_the_networks_optimisers_and_inputs_as_the_paper_does(name, mnist_root, tmp_path, monkeypatch):
+    """train.main for two generator steps at the defaults (tiny networks), recording what each step received."""
+    train = folders[name].train
+    real_d_step, real_g_step, d_records, g_records = getattr(train, D_STEP[name]), train.generator_step, [[]], []
+
+    def recording_d_step(G, D, opt, x, z, *rest):
+        result = real_d_step(G, D, opt, x, z, *rest)
+        d_records[-1].append({"G": G, "D": D, "opt": opt, "x": x.clone(), "z": z.clone(),
+                              "D_after": [p.detach().clone() for p in D.parameters()]})
+        return result
+
+    def recording_g_step(G, D, opt, z, *rest):
+        g_records.append({"G": G, "D": D, "opt": opt, "z": z.clone(),
+                          "D_now": [p.detach().clone() for p in D.parameters()]})
+        d_records.append([])
+        return real_g_step(G, D, opt, z, *rest)
+
+    monkeypatch.setattr(train, D_STEP[name], recording_d_step)
+    monkeypatch.setattr(train, "generator_step", recording_g_step)
+    assert run_main(train, "--dataset", "mnist", "--data-root", mnist_root, "--image-size", 32, "--width", 8,
+                    "--batch-size", 4, "--max-steps", 2, "--device", "cpu", "--out", tmp_path / "run") == 0
+    assert len(g_records) == 2
+    for step, (g, ds) in enumerate(zip(g_records, d_records)):
         # n_critic / n_dis / k D updates before each G update
         assert len(ds) == D_STEPS[name], (name, step, len(ds))
         last = ds[-1]
@@ -252,14 +187,9 @@ def test_main_wires_the_networks_optimisers_and_inputs_as_the_paper_does(name, m
         assert g["D"] is last["D"] and g["G"] is last["G"]
         assert all(torch.equal(a, b) for a, b in zip(g["D_now"], last["D_after"]))
         # each optimiser holds its own network's parameters, with the paper's settings
-        assert {id(p) for group in last["opt"].param_groups for p in group["params"]} == \
-               {id(p) for p in last["D"].parameters()}
-        assert {id(p) for group in g["opt"].param_groups for p in group["params"]} == \
-               {id(p) for p in g["G"].parameters()}
-        assert optimiser_settings(last["opt"]) == OPTIMISERS[name]
-        assert optimiser_settings(g["opt"]) == OPTIMISERS[name]
-        if name == "DCGAN":
-            assert last["opt"].param_groups[0]["weight_decay"] == 0 == g["opt"].param_groups[0]["weight_decay"]
+        for opt, net in ((last["opt"], last["D"]), (g["opt"], g["G"])):
+            assert {id(p) for group in opt.param_groups for p in group["params"]} == {id(p) for p in net.parameters()}
+            assert optimiser_settings(opt) == OPTIMISERS[name]
         # z of G's step: LSGAN's official train_lsun.py feeds D's batch_z to G's update too; the others
         # draw fresh noise for G (GAN Alg. 1; WGAN Alg. 1 line 9; WGAN-GP Alg. 1 line 11; SN-DCGAN)
         if name == "LSGAN":
@@ -272,16 +202,13 @@ def test_main_wires_the_networks_optimisers_and_inputs_as_the_paper_does(name, m
 
 def test_lsgan_batch_norm_after_the_fc_layer_is_per_channel():
     """Official code (vgg.py): g_bn0 normalises the reshaped s/16 x s/16 x 256 map per channel."""
-    model = folders["LSGAN"].model
-    torch.manual_seed(0)
-    G = model.Generator(64, 3, width=8)
-    G.apply(model.init_weights)
+    G, _ = small_networks("LSGAN", 3, 64)
     norms = [m for m in G.project.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     assert len(norms) == 1 and isinstance(norms[0], nn.BatchNorm2d) and norms[0].num_features == 32
     # after it, in training mode, every channel has mean 0 and variance 1 over the batch and the 4x4 positions
     seen = {}
     norms[0].register_forward_hook(lambda module, inputs, output: seen.update(out=output))
-    G(model.sample_z(6))
+    G(folders["LSGAN"].model.sample_z(6))
     out = seen["out"]
     assert out.shape == (6, 32, 4, 4)
     assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(32), atol=1e-5)

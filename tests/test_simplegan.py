@@ -1,7 +1,5 @@
-"""simpleGAN/: the networks of §5 and their initialisation, Algorithm 1's losses by value and gradient (with k D
-steps, --d-loss-scale and the official code's simultaneous step), the official schedules, the data split, and the
-loop's schedules and Parzen evaluation in a run. What every folder shares (runs, resume, signals, bad flags) is in
-test_common.py; the Parzen estimator of Table 1 is in test_table1.py."""
+"""simpleGAN/: §5's networks and their initialisation, Algorithm 1's losses by value and gradient (--d-loss-scale,
+the official simultaneous step), the schedules, the data split, and a run (the Parzen estimator: test_table1.py)."""
 import math
 import re
 
@@ -9,54 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import QUICK, exits_2, load_checkpoint, load_folder, run_main, scalar_tags
+from conftest import (QUICK, FixedG, PixelSumD, bce, exits_2, load_checkpoint, load_folder, pixel_images, run_main,
+                      scalar_tags)
 
 gan = load_folder("simpleGAN")
 PARZEN_LINE = re.compile(r"^Parzen log-likelihood: (-?\d+\.\d+) ± (\d+\.\d+) \(sigma=(\d+\.\d+)\)$", re.M)
 
 
-class PixelSumD(nn.Module):
-    """D(x) = the sum of x's pixels + a learnable offset (0): a logit chosen through the image. Every output is kept,
-    with its gradient once a backward pass reaches it."""
-
-    def __init__(self):
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(()))
-        self.outputs = []
-
-    def forward(self, x):
-        logits = x.flatten(1).sum(1) + self.offset
-        if logits.requires_grad:
-            logits.retain_grad()
-        self.outputs.append(logits)
-        return logits
-
-
-class FixedG(nn.Module):
-    """G(z) = the learnable images `images`, whatever z."""
-
-    def __init__(self, images):
-        super().__init__()
-        self.images = nn.Parameter(images.clone())
-
-    def forward(self, z):
-        return self.images[:len(z)]
-
-
-def images_with_logits(*logits):
-    """Images whose pixel sum, PixelSumD's logit, is each of `logits`."""
-    x = torch.zeros(len(logits), 1, 28, 28)
-    x[:, 0, 0, 0] = torch.tensor(logits)
-    return x
-
-
-def bce(logit, target):
-    """Binary cross entropy of sigmoid(logit) against target 0 or 1, written out: -log D or -log(1 - D)."""
-    d = 1 / (1 + math.exp(-logit))
-    return -math.log(d) if target == 1 else -math.log(1 - d)
-
-
-def sigmoid(values):
+def sigmoids(values):
     return torch.sigmoid(torch.tensor(values))
 
 
@@ -65,47 +23,47 @@ REAL, FAKE = (0.0, 2.0, -1.0), (1.0, -3.0, 0.5)
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_D_loss_by_value_and_gradient(scale):
-    G, D = FixedG(images_with_logits(*FAKE)), PixelSumD()
+    G, D = FixedG(pixel_images(*FAKE)), PixelSumD()
     loss, D_x, D_G_z = gan.train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), 0.0),
-                                                    images_with_logits(*REAL), gan.model.sample_z(3), scale)
+                                                    pixel_images(*REAL), gan.model.sample_z(3), scale)
     # minus D's objective log D(x) + log(1 - D(G(z))), each term a mean over the minibatch, times --d-loss-scale
-    expected = scale * (sum(bce(l, 1) for l in REAL) / 3 + sum(bce(l, 0) for l in FAKE) / 3)
+    expected = scale * (bce(REAL, 1) + bce(FAKE, 0))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     real_logits, fake_logits = D.outputs
     # d loss / d logit = scale * (sigmoid(l) - target) / m
-    assert torch.allclose(real_logits.grad, scale * (sigmoid(REAL) - 1) / 3)
-    assert torch.allclose(fake_logits.grad, scale * sigmoid(FAKE) / 3)
+    assert torch.allclose(real_logits.grad, scale * (sigmoids(REAL) - 1) / 3)
+    assert torch.allclose(fake_logits.grad, scale * sigmoids(FAKE) / 3)
     assert D.offset.grad.item() == pytest.approx(real_logits.grad.sum().item() + fake_logits.grad.sum().item())
     assert G.images.grad is None  # the fakes were detached: G is held fixed
     # the logged D/real and D/fake: mean D(x) and mean D(G(z))
-    assert (D_x.item(), D_G_z.item()) == pytest.approx((sigmoid(REAL).mean().item(), sigmoid(FAKE).mean().item()))
+    assert (D_x.item(), D_G_z.item()) == pytest.approx((sigmoids(REAL).mean().item(), sigmoids(FAKE).mean().item()))
 
 
 def test_G_loss_is_the_non_saturating_one_by_value_and_gradient():
     fake = (1.0, -3.0, -12.0)  # the last: D is sure it is fake, where log(1 - D(G(z))) would saturate
-    G, D = FixedG(images_with_logits(*fake)), PixelSumD()
+    G, D = FixedG(pixel_images(*fake)), PixelSumD()
     loss = gan.train.generator_step(G, D, torch.optim.SGD(G.parameters(), 0.0), gan.model.sample_z(3))
     # §3: G ascends log D(G(z)); the loss is -mean log D(G(z))
-    assert loss.item() == pytest.approx(sum(bce(l, 1) for l in fake) / 3, rel=1e-6)
+    assert loss.item() == pytest.approx(bce(fake, 1), rel=1e-6)
     (logits,) = D.outputs
-    assert torch.allclose(logits.grad, (sigmoid(fake) - 1) / 3)
+    assert torch.allclose(logits.grad, (sigmoids(fake) - 1) / 3)
     assert logits.grad[2].item() == pytest.approx(-1 / 3, rel=1e-4)  # strong where the saturating loss is flat
     assert torch.allclose(G.images.grad[:, 0, 0, 0], logits.grad)  # d logit / d pixel = 1
     assert D.offset.grad is None and D.offset.requires_grad  # D held fixed, and trainable again afterwards
 
 
 def test_simultaneous_step_takes_both_gradients_at_the_old_weights():
-    G, D = FixedG(images_with_logits(*FAKE)), PixelSumD()
+    G, D = FixedG(pixel_images(*FAKE)), PixelSumD()
     opt_G, opt_D = torch.optim.SGD(G.parameters(), 1.0), torch.optim.SGD(D.parameters(), 1.0)
-    loss_D, _, _, loss_G = gan.train.simultaneous_step(G, D, opt_G, opt_D, images_with_logits(*REAL),
+    loss_D, _, _, loss_G = gan.train.simultaneous_step(G, D, opt_G, opt_D, pixel_images(*REAL),
                                                        gan.model.sample_z(3), scale=0.5)
     assert len(D.outputs) == 2  # one forward pass: D(G(z)) serves both objectives
-    assert loss_D.item() == pytest.approx(0.5 * (sum(bce(l, 1) for l in REAL) + sum(bce(l, 0) for l in FAKE)) / 3)
-    assert loss_G.item() == pytest.approx(sum(bce(l, 1) for l in FAKE) / 3)
+    assert loss_D.item() == pytest.approx(0.5 * (bce(REAL, 1) + bce(FAKE, 0)))
+    assert loss_G.item() == pytest.approx(bce(FAKE, 1))
     # one SGD step (lr 1) of each player along its own objective's gradient, both taken at offset 0 and the old G
-    d_offset = 0.5 * ((sigmoid(REAL) - 1).sum() + sigmoid(FAKE).sum()) / 3
+    d_offset = 0.5 * ((sigmoids(REAL) - 1).sum() + sigmoids(FAKE).sum()) / 3
     assert D.offset.item() == pytest.approx(-d_offset.item(), rel=1e-5)
-    assert torch.allclose(G.images[:, 0, 0, 0], torch.tensor(FAKE) - (sigmoid(FAKE) - 1) / 3)
+    assert torch.allclose(G.images[:, 0, 0, 0], torch.tensor(FAKE) - (sigmoids(FAKE) - 1) / 3)
 
 
 def test_output_shapes_and_ranges():
@@ -170,14 +128,6 @@ def test_init_ranges_and_G_output_bias_is_the_clipped_logit_of_the_pixel_means(m
     # pixels that are always black or always white get a finite bias, pylearn2's clip at 1e-7
     gan.model.init_generator(G, torch.tensor([0.0, 1.0, 0.5] + [0.25] * 781).view(1, 28, 28))
     assert torch.allclose(G.net[-2].bias[:3], torch.tensor([math.log(1e-7), -math.log(1e-7), 0.0]), atol=1e-3)
-
-
-def test_z_is_uniform_with_unit_variance():
-    z = gan.model.sample_z(50000)
-    bound = math.sqrt(3)
-    assert z.shape == (50000, 100) and z.min() >= -bound and z.max() <= bound
-    assert z.min() < -0.999 * bound and z.max() > 0.999 * bound
-    assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1) < 0.01
 
 
 def test_learning_rate_and_momentum_schedules():

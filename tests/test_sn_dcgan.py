@@ -1,6 +1,5 @@
 """SN-DCGAN/: Table 3's shapes, spectral normalisation (§2.1, Appendix A), §4's losses by value and gradient,
-Table 1's settings, z's prior and the data's range, and Fig. 9's sigmas in a run. What every folder shares
-(runs, resume, signals, bad flags) is in test_common.py."""
+Table 1's settings, and Fig. 9's sigmas in a run."""
 import copy
 import math
 
@@ -9,38 +8,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (assert_image_shapes, bce, frozen_d_update, frozen_g_update, linear_pair, load_folder, sigmoid,
+                      small_networks, two_logged_steps, value_and_grads)
 
 sn_dcgan = load_folder("SN-DCGAN")
 model, train = sn_dcgan.model, sn_dcgan.train
 LAYER_NAMES = ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7", "dense"]
-
-
-class LinearD(nn.Module):
-    """f(x) = w . x for each sample: every logit, and its gradient w.r.t. w (x itself), is known."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x):
-        return (x * self.w).flatten(1).sum(1)
-
-
-class ConstantG(nn.Module):
-    """G(z) = the same learnable image for every z."""
-
-    def __init__(self, image):
-        super().__init__()
-        self.image = nn.Parameter(image.clone())
-
-    def forward(self, z):
-        return self.image.expand(len(z), *self.image.shape)
-
-
-def small_models(channels=1, width=8):
-    torch.manual_seed(0)
-    return model.Generator(32, channels, width=width), model.Discriminator(32, channels, width=width)
 
 
 def normalized(D):
@@ -54,14 +27,6 @@ def power_vectors(D):
 def parse(*argv):
     """train.py's configuration for ARGV, as its main() reads it."""
     return sn_dcgan.support.parse_args(train.build_parser(), list(argv), model.FOLDER, train.check_args)[0]
-
-
-def sigmoid(v):
-    return 1 / (1 + math.exp(-v))
-
-
-def softplus(v):
-    return math.log1p(math.exp(v))
 
 
 # --- Table 3 ---------------------------------------------------------------------------------------
@@ -95,16 +60,14 @@ def test_table3_layers_and_feature_map_sizes(channels):
     assert D(images).shape == (2,)
     assert [(i[-1], o[-1]) for m, i, o in sizes if isinstance(m, nn.ConvTranspose2d)] == [(4, 8), (8, 16), (16, 32)]
     d_outputs = [tuple(o) for m, i, o in sizes if any(m is layer for layer in D.net)]
-    assert d_outputs == [(64, 32, 32), (64, 16, 16), (128, 16, 16), (128, 8, 8), (256, 8, 8), (256, 4, 4),
-                         (512, 4, 4)]
+    assert d_outputs == [(64, 32, 32), (64, 16, 16), (128, 16, 16), (128, 8, 8), (256, 8, 8), (256, 4, 4), (512, 4, 4)]
 
 
 @pytest.mark.parametrize("size", [16, 48, 64])
 def test_other_image_sizes_follow_m_over_8(size):
     G, D = model.Generator(size, 3, width=8), model.Discriminator(size, 3, width=8)
-    assert G(model.sample_z(2)).shape == (2, 3, size, size)
+    assert_image_shapes(G, D, model.sample_z(2), 3, size)
     assert D.logit.in_features == 8 * 8 * (size // 8) ** 2
-    assert D(torch.zeros(2, 3, size, size)).shape == (2,)
 
 
 def test_no_batch_norm_in_D_and_leaky_relu_slope_is_0_1():
@@ -129,7 +92,7 @@ def test_spectral_norm_on_every_D_layer_and_on_no_G_layer():
 
 
 def test_normalized_weights_have_largest_singular_value_one_after_training_forwards():
-    G, D = small_models(channels=3, width=16)
+    G, D = small_networks("SN-DCGAN", 3, width=16)
     opt_D = torch.optim.Adam(D.parameters(), 1e-3, (0.5, 0.9))
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     for _ in range(3):  # the weights move, so u must follow them
@@ -150,7 +113,7 @@ def test_normalized_weights_have_largest_singular_value_one_after_training_forwa
 
 
 def test_power_iteration_vector_is_frozen_in_eval_and_updated_in_train():
-    _, D = small_models()
+    _, D = small_networks("SN-DCGAN")
     x = torch.rand(4, 1, 32, 32)
     before = power_vectors(D)
     D.eval()
@@ -165,7 +128,7 @@ def test_power_iteration_vector_is_frozen_in_eval_and_updated_in_train():
 
 
 def test_one_D_update_runs_exactly_one_power_iteration():
-    G, D = small_models()
+    G, D = small_networks("SN-DCGAN")
     opt_D = torch.optim.Adam(D.parameters(), 1e-4, (0.5, 0.999))
     reference = copy.deepcopy(D)
     x = torch.rand(4, 1, 32, 32) * 2 - 1
@@ -180,28 +143,18 @@ def test_one_D_update_runs_exactly_one_power_iteration():
 REAL, FAKE = [2.0, -1.0], [0.5, -3.0]  # logits f(x), f(G(z)) at known points; m = 2
 
 
-def logits(values):
-    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
-
-
 def test_standard_losses_by_value_and_gradient_at_known_logits():
-    real, fake = logits(REAL), logits(FAKE)
-    loss = train.discriminator_loss(real, fake, "standard")
-    loss.backward()
+    loss, real, fake = value_and_grads(train.discriminator_loss, [REAL, FAKE], "standard")
     # Eq. 15 negated: mean softplus(-f(x)) + mean softplus(f(G(z))), i.e. -E[log D(x)] - E[log(1 - D(G(z)))]
-    assert loss.item() == pytest.approx((softplus(-2) + softplus(1)) / 2 + (softplus(0.5) + softplus(-3)) / 2)
+    assert loss == pytest.approx(bce(REAL, 1) + bce(FAKE, 0))
     # its gradient: (sigmoid(f(x)) - 1) / m for the real logits, sigmoid(f(G(z))) / m for the fake ones
-    assert real.grad.tolist() == pytest.approx([(sigmoid(v) - 1) / 2 for v in REAL])
-    assert fake.grad.tolist() == pytest.approx([sigmoid(v) / 2 for v in FAKE])
-    assert train.discriminator_loss(torch.zeros(3), torch.zeros(3), "standard").item() == pytest.approx(
-        2 * math.log(2))
+    assert real == pytest.approx([(sigmoid(v) - 1) / 2 for v in REAL])
+    assert fake == pytest.approx([sigmoid(v) / 2 for v in FAKE])
+    assert train.discriminator_loss(torch.zeros(3), torch.zeros(3), "standard").item() == pytest.approx(2 * math.log(2))
 
     # §4: G minimises -E[log D(G(z))] = mean softplus(-f(G(z))); gradient (sigmoid(f(G(z))) - 1) / m
-    fake = logits(FAKE)
-    loss = train.generator_loss(fake, "standard")
-    loss.backward()
-    assert loss.item() == pytest.approx((softplus(-0.5) + softplus(3)) / 2)
-    assert fake.grad.tolist() == pytest.approx([(sigmoid(v) - 1) / 2 for v in FAKE])
+    loss, fake = value_and_grads(train.generator_loss, [FAKE], "standard")
+    assert loss == pytest.approx(bce(FAKE, 1)) and fake == pytest.approx([(sigmoid(v) - 1) / 2 for v in FAKE])
     # non-saturating: a confident D (f(G(z)) = -10) still gives G a full-size gradient, about -1 per sample
     confident = torch.full((4,), -10.0, requires_grad=True)
     train.generator_loss(confident, "standard").backward()
@@ -209,32 +162,23 @@ def test_standard_losses_by_value_and_gradient_at_known_logits():
 
 
 def test_hinge_losses_by_value_and_gradient_at_known_logits():
-    real, fake = logits([2.0, 0.5, -1.0]), logits([-2.0, 0.0, 1.0])
-    loss = train.discriminator_loss(real, fake, "hinge")
-    loss.backward()
+    loss, real, fake = value_and_grads(train.discriminator_loss, [[2.0, 0.5, -1.0], [-2.0, 0.0, 1.0]], "hinge")
     # Eq. 16 negated: E[relu(1 - f(x))] + E[relu(1 + f(G(z)))] = mean(0, 0.5, 2) + mean(0, 1, 2)
-    assert loss.item() == pytest.approx(2.5 / 3 + 1.0)
+    assert loss == pytest.approx(2.5 / 3 + 1.0)
     # its gradient: -1/m where a real logit is below the margin 1, +1/m where a fake one is above -1, else 0
-    assert real.grad.tolist() == pytest.approx([0.0, -1 / 3, -1 / 3])
-    assert fake.grad.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
+    assert real == pytest.approx([0.0, -1 / 3, -1 / 3]) and fake == pytest.approx([0.0, 1 / 3, 1 / 3])
     assert train.discriminator_loss(torch.ones(2), -torch.ones(2), "hinge").item() == 0  # both margins met
 
     # Eq. 17: G minimises -E[f(G(z))]; gradient -1/m for every sample, however confident D is
-    fake = logits([-2.0, 0.0, 1.0])
-    loss = train.generator_loss(fake, "hinge")
-    loss.backward()
-    assert loss.item() == pytest.approx(1 / 3)
-    assert fake.grad.tolist() == pytest.approx([-1 / 3] * 3)
+    loss, fake = value_and_grads(train.generator_loss, [[-2.0, 0.0, 1.0]], "hinge")
+    assert loss == pytest.approx(1 / 3) and fake == pytest.approx([-1 / 3] * 3)
 
 
 @pytest.mark.parametrize("kind", ["standard", "hinge"])
 def test_the_updates_take_the_gradient_of_their_loss_and_hold_the_other_network_fixed(kind):
-    torch.manual_seed(0)
-    w, image, x = torch.randn(1, 2, 2), torch.randn(1, 2, 2), torch.randn(4, 1, 2, 2)
-    G, D = ConstantG(image), LinearD(w)
+    G, D, x, w, image = linear_pair()
     # lr 0: the loss and gradient of D's update, nothing moves
-    loss, real_mean, fake_mean = train.discriminator_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x,
-                                                          torch.zeros(4, 1), kind)
+    loss, real_mean, fake_mean = frozen_d_update(train.discriminator_step, G, D, x, kind)
     real, fake = (x * w).flatten(1).sum(1), (image * w).sum()
     if kind == "standard":
         value = torch.nn.functional.softplus(-real).mean() + torch.nn.functional.softplus(fake)
@@ -246,10 +190,7 @@ def test_the_updates_take_the_gradient_of_their_loss_and_hold_the_other_network_
     assert torch.allclose(real_mean, real.mean(), atol=1e-6) and torch.allclose(fake_mean, fake, atol=1e-6)
     # d/dw: sum_i dloss/df(x_i) x_i + dloss/df(G(z)) G's image (the m fakes are one image)
     assert torch.allclose(D.w.grad, (real_grad.view(4, 1, 1, 1) * x).sum(0) + fake_grad * image, atol=1e-6)
-    assert G.image.grad is None  # G held fixed: the fakes carry no graph
-
-    D.w.grad = None
-    loss_G = train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(4, 1), kind)
+    loss_G = frozen_g_update(train.generator_step, G, D, 4, kind)
     # G's loss at f(G(z)) = w . image, and its gradient w.r.t. the image: dloss/df times w
     if kind == "standard":
         value, slope = torch.nn.functional.softplus(-fake), torch.sigmoid(fake) - 1
@@ -257,10 +198,9 @@ def test_the_updates_take_the_gradient_of_their_loss_and_hold_the_other_network_
         value, slope = -fake, torch.tensor(-1.0)
     assert torch.allclose(loss_G, value, atol=1e-6)
     assert torch.allclose(G.image.grad, slope * w, atol=1e-6)
-    assert D.w.grad is None and D.w.requires_grad  # D held fixed, and trainable again afterwards
 
 
-# --- Table 1, z, the data, and a run ---------------------------------------------------------------
+# --- Table 1, and a run ---------------------------------------------------------------
 
 def test_table1_settings_default_and_overrides():
     assert train.SETTINGS == {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1), "C": (2e-4, 0.5, 0.999, 1),
@@ -278,26 +218,11 @@ def test_table1_settings_default_and_overrides():
     assert "setting B, n_dis = 1" in help_text and "100K" in help_text
 
 
-def test_z_is_128_dimensional_standard_normal_and_pixels_are_scaled_to_tanh_range():
-    z = model.sample_z(20000)
-    assert z.shape == (20000, 128)
-    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01 and z.min() < -3
-    assert train.Z_PRIOR == "normal"  # the prior --evaluate's samples are drawn from
-    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
-    x = next(sn_dcgan.dataset.batches(pixels, 3, "cpu", seed=0))
-    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
-
-
 def test_run_draws_n_dis_real_batches_per_step_and_logs_fig_9s_sigmas(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    result = run_train("SN-DCGAN", "--dataset", "mnist", "--data-root", mnist_root, "--width", 8, "--batch-size", 4,
-                       "--setting", "A", "--loss", "hinge", "--max-steps", 2, "--log-every", 1, "--device", "cpu",
-                       "--out", run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = load_checkpoint(run)
+    checkpoint, tags = two_logged_steps("SN-DCGAN", mnist_root, tmp_path / "run", "--batch-size", 4, "--setting", "A",
+                                        "--loss", "hinge")
     assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 5}  # setting A: n_dis = 5 fresh real batches a step
     assert any(k.endswith("._u") for k in checkpoint["D"])  # the power iteration's u goes on from where it was
-    tags = scalar_tags(run)
     # Appendix C.1, Fig. 9: sigma(W_SN) of every layer stays near 1 (one power iteration per update lags the
     # moving weights by a few per cent)
     for name in LAYER_NAMES:

@@ -1,36 +1,20 @@
-"""--precision, --compile and --channels-last (support.speed_up) in every folder: a bf16 run computes in bfloat16,
-keeps float32 master weights and resumes; spectral norm and the gradient penalty hold under bf16; --compile and
---channels-last leave the checkpoint as it was. Speed itself is measured by benchmark.py."""
+"""--precision, --compile and --channels-last (support.speed_up) in every folder: bf16 computes in bfloat16, keeps
+float32 weights and resumes, also with spectral norm and the gradient penalty; the others keep the checkpoint."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import CONVOLUTIONAL, FOLDERS, QUICK, exits_2, load_checkpoint, load_folder, run_main
+from conftest import CONVOLUTIONAL, FOLDERS, exits_2, load_checkpoint, load_folder, quick_run, run_main, small_networks
 
 CPU = torch.device("cpu")
 LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-def tiny_networks(folder, channels=3):
-    """A convolutional folder's G and D (or critic) at 32 px and width 8, initialised as its train.py does."""
-    model = load_folder(folder).model
-    torch.manual_seed(0)
-    G = model.Generator(32, channels, width=8)
-    D = (getattr(model, "Critic", None) or model.Discriminator)(32, channels, width=8)
-    if folder != "SN-DCGAN":  # SN-DCGAN's networks initialise themselves
-        G.apply(model.init_weights)
-        D.apply(model.init_weights)
-    return {"G": G, "D": D}
-
-
-def float_tensors(state):
-    """Every floating-point tensor in a (nested) state dict."""
-    if torch.is_tensor(state):
-        return [state] if state.is_floating_point() else []
-    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
-    return [t for value in values for t in float_tensors(value)]
+def tiny_networks(folder):
+    """A convolutional folder's {"G": G, "D": D} at 32 px, 3 channels and width 8."""
+    return dict(zip("GD", small_networks(folder, 3)))
 
 
 def layouts(checkpoint):
@@ -59,8 +43,7 @@ def test_bf16_run_computes_in_bfloat16_keeps_float32_weights_and_resumes(folder,
             for layer in (m for m in net.modules() if isinstance(m, LAYERS)):
                 layer.register_forward_hook(lambda module, inputs, output, name=name: layers[name].append(output.dtype))
     monkeypatch.setattr(gan.support, "speed_up", hooked_speed_up)
-    flags = [*QUICK[folder], "--data-root", tiny_mnist_root]
-    assert run_main(gan.train, *flags, "--precision", "bf16", "--max-steps", 2, "--out", run) == 0
+    quick_run(folder, tiny_mnist_root, run, "--precision", "bf16", "--max-steps", 2)
     # every convolution and linear layer of both networks ran in bfloat16; the losses were given float32
     assert layers["G"] and layers["D"] and set(layers["G"] + layers["D"]) == {torch.bfloat16}
     assert outputs["G"] and outputs["D"] and set(outputs["G"] + outputs["D"]) == {torch.float32}
@@ -69,8 +52,7 @@ def test_bf16_run_computes_in_bfloat16_keeps_float32_weights_and_resumes(folder,
     checkpoint = load_checkpoint(run)
     assert checkpoint["args"]["precision"] == "bf16" and checkpoint["step"] == 2
     # the parameters, buffers and optimiser moments are float32: bf16 lives only inside the forward passes
-    tensors = [t for part in ("G", "D", "opt_G", "opt_D") for t in float_tensors(checkpoint[part])]
-    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    assert {dtype for _, _, dtype in layouts(checkpoint) if dtype.is_floating_point} == {torch.float32}
     assert run_main(gan.train, "--resume", run, "--max-steps", 3) == 0
     checkpoint = load_checkpoint(run)
     assert checkpoint["step"] == 3 and checkpoint["args"]["precision"] == "bf16"
@@ -111,7 +93,7 @@ def test_spectral_norm_under_bf16_runs_in_float32_once_per_forward_and_normalise
 
 def test_gradient_penalty_under_bf16_is_float32_and_matches_float32():
     gan = load_folder("WGAN-GP")
-    D = tiny_networks("WGAN-GP")["D"]
+    _, D = small_networks("WGAN-GP", 3)
     reference = copy.deepcopy(D)
     gan.support.speed_up({"D": D}, "bf16", False, CPU)
     real, fake = torch.rand(8, 3, 32, 32) * 2 - 1, torch.rand(8, 3, 32, 32) * 2 - 1
@@ -135,8 +117,7 @@ def test_gradient_penalty_under_bf16_is_float32_and_matches_float32():
 
 @pytest.mark.parametrize("folder", CONVOLUTIONAL)
 def test_compile_compiles_in_place_and_channels_last_changes_only_the_layout(folder):
-    """nn.Module.compile() in place (compilation itself waits for the first call); channels-last changes the
-    memory layout of the convolutions, not their arithmetic; neither changes the state_dict."""
+    """Compiled in place (at the first call); channels-last changes the convolutions' layout, not their arithmetic."""
     speed_up, networks = load_folder(folder).support.speed_up, tiny_networks(folder)
     keys = {name: list(net.state_dict()) for name, net in networks.items()}
     speed_up(networks, "fp32", False, CPU)  # the defaults leave the networks as they are
@@ -146,8 +127,7 @@ def test_compile_compiles_in_place_and_channels_last_changes_only_the_layout(fol
     G.eval(), D.eval()
     before = D(G(z))
     speed_up(networks, "fp32", False, CPU, channels_last=True)
-    convolutions = [m for net in networks.values() for m in net.modules() if isinstance(m, (nn.Conv2d,
-                                                                                            nn.ConvTranspose2d))]
+    convolutions = [m for net in networks.values() for m in net.modules() if isinstance(m, LAYERS[:2])]
     assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
     assert torch.allclose(D(G(z)), before, rtol=1e-4, atol=1e-5)
     speed_up(networks, "fp32", True, CPU)
@@ -157,14 +137,11 @@ def test_compile_compiles_in_place_and_channels_last_changes_only_the_layout(fol
 
 def test_compiled_run_has_the_checkpoint_of_an_eager_run_and_resumes_without_compile(tiny_mnist_root, tmp_path,
                                                                                      capsys):
-    """One compiled run (compilation is slow on a small CPU): SN-DCGAN, both networks compiled, spectral norm,
-    and bf16 with it."""
-    train = load_folder("SN-DCGAN").train
-    common = [*QUICK["SN-DCGAN"], "--data-root", tiny_mnist_root, "--max-steps", 1, "--precision", "bf16"]
+    """One compiled run (slow on a CPU): SN-DCGAN, both networks compiled, spectral norm, and bf16 with it."""
     capsys.readouterr()
-    assert run_main(train, *common, "--compile", "--out", tmp_path / "compiled") == 0
+    for run, flags in ((tmp_path / "compiled", ["--compile"]), (tmp_path / "eager", [])):
+        quick_run("SN-DCGAN", tiny_mnist_root, run, "--max-steps", 1, "--precision", "bf16", *flags)
     assert "--compile: G and D compile" in capsys.readouterr().out
-    assert run_main(train, *common, "--out", tmp_path / "eager") == 0
     with_compile, without = load_checkpoint(tmp_path / "compiled"), load_checkpoint(tmp_path / "eager")
     assert with_compile["args"]["compile"] is True and without["args"]["compile"] is False
     assert layouts(with_compile) == layouts(without)
@@ -173,6 +150,7 @@ def test_compiled_run_has_the_checkpoint_of_an_eager_run_and_resumes_without_com
         for key, value in with_compile[part].items():
             assert torch.allclose(value.float(), without[part][key].float(), atol=1e-3), (part, key)
     # --compile may change on --resume
-    assert run_main(train, "--resume", tmp_path / "compiled", "--no-compile", "--max-steps", 2) == 0
+    resume = ["--resume", tmp_path / "compiled", "--no-compile", "--max-steps", 2]
+    assert run_main(load_folder("SN-DCGAN").train, *resume) == 0
     checkpoint = load_checkpoint(tmp_path / "compiled")
     assert checkpoint["step"] == 2 and checkpoint["args"]["compile"] is False

@@ -1,6 +1,5 @@
-"""simpleGAN/ and CGAN/: Table 1's protocol, which both train.py files carry: the Gaussian Parzen window, sigma
-chosen on the validation split from logspace(-1, 0, 10), the standard error with ddof 0, the seeded samples that
-leave the training's random streams untouched, and the CGAN's 1,000 samples per class in one window."""
+"""simpleGAN/ and CGAN/: Table 1's Parzen window, sigma chosen on the validation split from logspace(-1, 0, 10), the
+standard error with ddof 0, seeded samples that leave the training's streams alone, CGAN's 1,000 per class."""
 import math
 import random
 from argparse import Namespace
@@ -35,12 +34,11 @@ def points_around(centres, n, sigma):
 
 
 def estimate(folder, centres, valid, points, parzen_valid):
-    """The folder's parzen_estimate with G's samples `centres` (1,000 of them: CGAN's 100 per class for 10
-    classes), the validation and scored images labelled 0, 1, ..., 9, 0, ... for the CGAN."""
+    """parzen_estimate with G's samples `centres` (CGAN: 100 per class; the images labelled 0, 1, ..., 9, 0, ...)."""
+    args = Namespace(seed=0, z_dim=100, parzen_samples=len(centres), parzen_valid=parzen_valid, sampling_dropout=False,
+                     parzen_per_class=False)
     if folder == "simpleGAN":
-        args = Namespace(seed=0, z_dim=100, parzen_samples=len(centres), parzen_valid=parzen_valid)
         return gan.train.parzen_estimate(FixedSamples(centres), valid, points, args, CPU)
-    args = Namespace(seed=0, z_dim=100, parzen_valid=parzen_valid, sampling_dropout=False, parzen_per_class=False)
     labelled = [(x, torch.arange(len(x)) % 10) for x in (valid, points)]
     return cgan.train.parzen_estimate(FixedSamples(centres, classes=10), *labelled, args, CPU)
 
@@ -126,12 +124,11 @@ def test_the_samples_are_seeded_and_leave_the_training_random_streams_untouched(
     """--select-every scores G during training: its draws must not move the run's streams (exact resume)."""
     torch.manual_seed(0)
     valid = torch.rand(20, 1, 28, 28)
-    if folder == "simpleGAN":
-        G, data = gan.model.Generator(width=16), valid
-        args = Namespace(seed=3, z_dim=100, parzen_samples=50, parzen_valid=20)
-    else:  # G's dropout on: its masks come from the seeded stream too
-        G, data = cgan.model.Generator(), (valid, torch.arange(20) % 10)
-        args = Namespace(seed=3, z_dim=100, parzen_valid=20, sampling_dropout=True, parzen_per_class=False)
+    # CGAN's G with dropout on: its masks come from the seeded stream too
+    args = Namespace(seed=3, z_dim=100, parzen_samples=50, parzen_valid=20, sampling_dropout=True,
+                     parzen_per_class=False)
+    G, data = (gan.model.Generator(width=16), valid) if folder == "simpleGAN" else \
+        (cgan.model.Generator(), (valid, torch.arange(20) % 10))
     gan.support.seed_everything(1)
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     first = FOLDERS[folder].train.parzen_estimate(G, data, data, args, CPU)

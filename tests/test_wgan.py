@@ -1,56 +1,14 @@
 """WGAN/: the official networks, Algorithm 1's losses by value and gradient, the clip after the update, RMSProp
-without momentum, the official code's critic schedule and length, and the loop's critic iterations in a run.
-What every folder shares (runs, resume, signals, bad flags) is in test_common.py."""
+without momentum, the official critic schedule and length, and the critic iterations of a run."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import frozen_d_update, frozen_g_update, linear_pair, load_folder, small_networks, two_logged_steps
 
 wgan = load_folder("WGAN")
-
-
-class LinearCritic(nn.Module):
-    """f_w(x) = w . x for each sample: every answer, and its gradient w.r.t. w (x itself), is known."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x):
-        return (x * self.w).flatten(1).sum(1)
-
-
-class ConstantG(nn.Module):
-    """G(z) = the same learnable image for every z."""
-
-    def __init__(self, image):
-        super().__init__()
-        self.image = nn.Parameter(image.clone())
-
-    def forward(self, z):
-        return self.image.expand(len(z), *self.image.shape)
-
-
-def small_models(channels=1):
-    torch.manual_seed(0)
-    G, D = wgan.model.Generator(32, channels, width=8), wgan.model.Critic(32, channels, width=8)
-    G.apply(wgan.model.init_weights)
-    D.apply(wgan.model.init_weights)
-    return G, D
-
-
-@pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_output_shapes(size, channels):
-    G = wgan.model.Generator(size, channels, width=16)
-    D = wgan.model.Critic(size, channels, width=16)
-    images = G(wgan.model.sample_z(5))
-    assert images.shape == (5, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # tanh output
-    assert D(images).shape == (5,)
 
 
 def test_official_architecture_at_64px():
@@ -71,7 +29,7 @@ def test_official_architecture_at_64px():
 
 
 def test_no_sigmoid_in_the_critic_its_output_is_linear():
-    _, D = small_models()
+    _, D = small_networks("WGAN")
     assert not any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in D.modules())
     x = torch.rand(8, 1, 32, 32) * 2 - 1
     before = D(x).detach()
@@ -84,29 +42,22 @@ def test_no_sigmoid_in_the_critic_its_output_is_linear():
 
 
 def test_losses_by_value_and_gradient_on_a_linear_critic():
-    torch.manual_seed(0)
-    w, image = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
-    G, D = ConstantG(image), LinearCritic(w)
-    x = torch.randn(6, 1, 4, 4)
+    G, D, x, w, image = linear_pair(6, (1, 4, 4))
     # lines 5-6 with lr 0 and a clip far outside w: the loss and gradient before any update
-    loss, estimate = wgan.train.critic_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x, torch.zeros(6, 1), 1e9)
+    loss, estimate = frozen_d_update(wgan.train.critic_step, G, D, x, 1e9)
     # the estimate E[f_w(x)] - E[f_w(G(z))] = w . (mean x - G's image); the critic descends its negative
     assert torch.allclose(estimate, (w * (x.mean(0) - image)).sum(), atol=1e-6)
     assert torch.equal(loss, -estimate)
     # line 5: g_w = grad_w of the estimate; the loss's gradient is its negative, G's image - mean x
     assert torch.allclose(D.w.grad, image - x.mean(0), atol=1e-6)
-    assert G.image.grad is None  # G held fixed: the fakes carry no graph
-
-    D.w.grad = None
     # line 10: G descends -E[f_w(G(z))] = -w . image, whose gradient w.r.t. the image is -w
-    loss_G = wgan.train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(6, 1))
+    loss_G = frozen_g_update(wgan.train.generator_step, G, D, 6)
     assert torch.allclose(loss_G, -(w * image).sum(), atol=1e-6)
     assert torch.allclose(G.image.grad, -w)
-    assert D.w.grad is None and D.w.requires_grad  # the critic held fixed, and trainable again afterwards
 
 
 def test_clip_puts_every_critic_weight_in_the_box_after_the_rmsprop_step():
-    G, D = small_models()
+    G, D = small_networks("WGAN")
     with torch.no_grad():
         for i, w in enumerate(D.parameters()):
             w.fill_(0.5 if i % 2 else -0.7)  # every critic parameter, batch norm's included, outside [-c, c]
@@ -126,14 +77,6 @@ def test_clip_puts_every_critic_weight_in_the_box_after_the_rmsprop_step():
     assert any(w.abs().max() > 0.01 for w in reference.parameters())  # unclipped, the step leaves the box
 
 
-def test_rmsprop_has_no_momentum():
-    opt = wgan.train.rmsprop(nn.Linear(3, 1).parameters(), 5e-5)
-    assert type(opt) is torch.optim.RMSprop
-    group = opt.param_groups[0]
-    settings = {k: group[k] for k in ("lr", "momentum", "alpha", "eps", "centered")}
-    assert settings == {"lr": 5e-5, "momentum": 0, "alpha": 0.99, "eps": 1e-8, "centered": False}
-
-
 def test_critic_schedule():
     schedule = wgan.train.critic_iterations
     assert schedule(0, 5, True) == 100 and schedule(24, 5, True) == 100 and schedule(500, 5, True) == 100
@@ -150,26 +93,11 @@ def test_default_length_is_25_epochs_of_critic_batches():
     assert wgan.train.default_iterations(100, 5, False) == 25 * 100 // 5
 
 
-def test_z_is_standard_normal_and_pixels_are_scaled_to_tanh_range():
-    z = wgan.model.sample_z(20000)
-    assert z.shape == (20000, 100)
-    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
-    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
-    x = next(wgan.dataset.batches(pixels, 3, "cpu", seed=0))
-    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 51 / 127.5 - 1, 1.0])
-
-
 def test_run_draws_a_real_batch_per_critic_iteration_and_keeps_the_clip(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    result = run_train("WGAN", "--dataset", "mnist", "--data-root", mnist_root, "--image-size", 32, "--width", 8,
-                       "--batch-size", 4, "--n-critic", 3, "--no-critic-warmup", "--max-steps", 2, "--log-every", 1,
-                       "--device", "cpu", "--out", run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = load_checkpoint(run)
+    checkpoint, tags = two_logged_steps("WGAN", mnist_root, tmp_path / "run", "--batch-size", 4, "--n-critic", 3)
     assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 3}  # n_critic fresh real batches per G step
     assert all(v.abs().max() <= 0.01 for k, v in checkpoint["D"].items() if k.endswith(("weight", "bias")))
     assert all(set(s) == {"step", "square_avg"} for s in checkpoint["opt_D"]["state"].values())  # no momentum
-    tags = scalar_tags(run)
     assert [s for s, _ in tags["wasserstein/estimate"]] == [1, 2]
     for (_, w), (_, loss_D) in zip(tags["wasserstein/estimate"], tags["loss/D"]):
         assert w == pytest.approx(-loss_D)

@@ -1,49 +1,15 @@
-"""WGAN-GP/: Algorithm 1's penalty and losses by value and gradient, eps per sample, the whole-sample norm, a
-critic without normalisation or cross-sample coupling (§4), the official CIFAR-10 networks and their
-initialisation, and the loop's critic iterations in a run. What every folder shares (runs, resume, signals,
-bad flags) is in test_common.py."""
+"""WGAN-GP/: Algorithm 1's penalty and losses by value and gradient, eps per sample, the whole-sample norm, a critic
+without normalisation or cross-sample coupling (§4), the official networks and init, and the critic steps of a run."""
 import math
 
-import pytest
 import torch
 from torch import nn
 
-from conftest import load_checkpoint, load_folder, run_train, scalar_tags
+from conftest import (LinearD, frozen_d_update, frozen_g_update, linear_pair, load_folder, small_networks,
+                      two_logged_steps)
 
 wgan_gp = load_folder("WGAN-GP")
 NORMALISATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
-
-
-def small_models(channels=1, width=8):
-    torch.manual_seed(0)
-    G, D = wgan_gp.model.Generator(32, channels, width=width), wgan_gp.model.Critic(32, channels, width=width)
-    G.apply(wgan_gp.model.init_weights)
-    D.apply(wgan_gp.model.init_weights)
-    return G, D
-
-
-class LinearCritic(nn.Module):
-    """D(x) = w . x for each sample: its input gradient is w everywhere, so the penalty is (||w|| - 1)^2."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.inputs = []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return (x * self.w).flatten(1).sum(1)
-
-
-class ConstantG(nn.Module):
-    """G(z) = the same learnable image for every z."""
-
-    def __init__(self, image):
-        super().__init__()
-        self.image = nn.Parameter(image.clone())
-
-    def forward(self, z):
-        return self.image.expand(len(z), *self.image.shape)
 
 
 def cross_sample_gradient(D, x):
@@ -57,17 +23,6 @@ def cross_sample_gradient(D, x):
         off = max(off, others.abs().max().item())
         own = min(own, grad[i].abs().max().item())
     return off, own
-
-
-@pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_output_shapes(size, channels):
-    G = wgan_gp.model.Generator(size, channels, width=8)
-    D = wgan_gp.model.Critic(size, channels, width=8)
-    images = G(wgan_gp.model.sample_z(5))
-    assert images.shape == (5, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # tanh output
-    assert D(images).shape == (5,)
 
 
 def test_official_cifar10_network():
@@ -88,26 +43,11 @@ def test_official_cifar10_network():
     assert not any(isinstance(m, nn.Sigmoid) for m in D.modules())  # a critic's score, not a probability
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_every_layer_doubles_or_halves_the_size_exactly(size):
-    G, D = wgan_gp.model.Generator(size, 3, width=8), wgan_gp.model.Critic(size, 3, width=8)
-    seen = []
-    for m in [*G.modules(), *D.modules()]:
-        if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
-            m.register_forward_hook(lambda mod, inp, out: seen.append((type(mod), inp[0].shape[-1], out.shape[-1])))
-    D(G(wgan_gp.model.sample_z(2)))
-    ups = [(i, o) for kind, i, o in seen if kind is nn.ConvTranspose2d]
-    downs = [(i, o) for kind, i, o in seen if kind is nn.Conv2d]
-    assert ups[0][0] == 4 and ups[-1][1] == size and all(o == 2 * i for i, o in ups)
-    assert downs[0][0] == size and downs[-1][1] == 4 and all(2 * o == i for i, o in downs)
-
-
 def test_critic_has_no_normalisation_and_no_cross_sample_coupling_in_train_mode():
-    for size in (32, 64):
-        D = wgan_gp.model.Critic(size, 3, width=8)
+    for D in (wgan_gp.model.Critic(32, 3, width=8), wgan_gp.model.Critic(64, 3, width=8)):
         assert not [m for m in D.modules() if isinstance(m, NORMALISATION)]
     assert any(isinstance(m, nn.BatchNorm2d) for m in wgan_gp.model.Generator(32, 3).modules())  # G keeps its BN
-    _, D = small_models(channels=3)
+    _, D = small_networks("WGAN-GP", 3)
     x = torch.rand(6, 3, 32, 32) * 2 - 1
     off, own = cross_sample_gradient(D.train(), x)
     assert off == 0.0 and own > 0
@@ -121,7 +61,7 @@ def test_penalty_of_a_linear_critic_is_analytic_by_value_and_gradient():
     torch.manual_seed(0)
     # per-channel scales make the norm over the whole sample differ from any per-channel norm
     w = torch.randn(3, 8, 8) * torch.tensor([0.02, 0.1, 0.3]).view(3, 1, 1)
-    D = LinearCritic(w)
+    D = LinearD(w)
     real, fake = torch.rand(16, 3, 8, 8) * 2 - 1, torch.rand(16, 3, 8, 8) * 2 - 1
     gp = wgan_gp.train.gradient_penalty(D, real, fake)
     norm = w.norm()
@@ -135,13 +75,10 @@ def test_penalty_of_a_linear_critic_is_analytic_by_value_and_gradient():
 
 
 def test_losses_by_value_and_gradient_on_a_linear_critic():
-    torch.manual_seed(0)
-    w, image = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
-    G, D, norm = ConstantG(image), LinearCritic(w), w.norm()
-    x = torch.randn(6, 1, 4, 4)
+    G, D, x, w, image = linear_pair(6, (1, 4, 4))
+    norm = w.norm()
     # Alg. 1 line 7 with lambda = 10, and line 9 at lr 0: the loss and its gradient before any update
-    loss, estimate, gp = wgan_gp.train.critic_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), x,
-                                                   torch.zeros(6, 1), 10.0)
+    loss, estimate, gp = frozen_d_update(wgan_gp.train.critic_step, G, D, x, 10.0)
     # E[D(x)] - E[D(x~)] = w . (mean x - G's image); the penalty (||w|| - 1)^2, since grad_x^ D = w everywhere
     assert torch.allclose(estimate, (w * (x.mean(0) - image)).sum(), atol=1e-6)
     assert torch.allclose(gp, (norm - 1) ** 2, rtol=1e-5)
@@ -149,19 +86,15 @@ def test_losses_by_value_and_gradient_on_a_linear_critic():
     assert torch.allclose(loss, -estimate + 10 * (norm - 1) ** 2, rtol=1e-5, atol=1e-6)
     # grad_w L = G's image - mean x + lambda 2 (||w|| - 1) w / ||w||
     assert torch.allclose(D.w.grad, image - x.mean(0) + 10 * 2 * (norm - 1) * w / norm, rtol=1e-4, atol=1e-6)
-    assert G.image.grad is None  # G held fixed: the fakes carry no graph
-
-    D.w.grad = None
     # Alg. 1 line 12: G descends -D(G(z)) = -w . image, whose gradient w.r.t. the image is -w
-    loss_G = wgan_gp.train.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.zeros(6, 1))
+    loss_G = frozen_g_update(wgan_gp.train.generator_step, G, D, 6)
     assert torch.allclose(loss_G, -(w * image).sum(), atol=1e-6)
     assert torch.allclose(G.image.grad, -w)
-    assert D.w.grad is None and D.w.requires_grad  # the critic held fixed, and trainable again afterwards
 
 
 def test_eps_is_drawn_per_sample():
     torch.manual_seed(0)
-    D = LinearCritic(torch.ones(1, 8, 8))
+    D = LinearD(torch.ones(1, 8, 8))
     real, fake = torch.ones(256, 1, 8, 8), -torch.ones(256, 1, 8, 8)
     wgan_gp.train.gradient_penalty(D, real, fake)
     (x_hat,) = D.inputs  # eps x + (1 - eps) x~ = 2 eps - 1 for these images
@@ -174,7 +107,7 @@ def test_eps_is_drawn_per_sample():
 
 
 def test_penalty_stays_finite_when_fake_equals_real_or_the_gradient_is_zero():
-    _, D = small_models()
+    _, D = small_networks("WGAN-GP")
     real = torch.rand(8, 1, 32, 32) * 2 - 1
     gp = wgan_gp.train.gradient_penalty(D, real, real.clone())
     gp.backward()
@@ -192,10 +125,7 @@ def test_penalty_stays_finite_when_fake_equals_real_or_the_gradient_is_zero():
 
 
 def test_init_follows_the_official_code():
-    torch.manual_seed(0)
-    G, D = wgan_gp.model.Generator(32, 3), wgan_gp.model.Critic(32, 3)
-    G.apply(wgan_gp.model.init_weights)
-    D.apply(wgan_gp.model.init_weights)
+    G, D = small_networks("WGAN-GP", 3, width=wgan_gp.model.WIDTH)
     conv = [m for m in D.modules() if isinstance(m, nn.Conv2d)][1]  # 128 -> 256, 5x5, stride 2
     deconv = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)][0]  # 512 -> 256
     expected = {conv: math.sqrt(4 / (128 * 25 + 256 * 25 / 4)), deconv: math.sqrt(4 / (512 * 25 / 4 + 256 * 25)),
@@ -206,22 +136,8 @@ def test_init_follows_the_official_code():
         assert torch.all(module.bias == 0)
 
 
-def test_z_is_standard_normal_and_pixels_are_scaled_to_tanh_range():
-    z = wgan_gp.model.sample_z(20000)
-    assert z.shape == (20000, 128)
-    assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1) < 0.02
-    # official code (gan_cifar.py): real_data = 2 * (x / 255 - 0.5)
-    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
-    x = next(wgan_gp.dataset.batches(pixels, 3, "cpu", seed=0))
-    assert sorted(x.flatten().tolist()) == pytest.approx([-1.0, 2 * (51 / 255 - 0.5), 1.0])
-
-
 def test_run_draws_n_critic_real_batches_per_generator_iteration_and_logs_the_penalty(mnist_root, tmp_path):
-    run = tmp_path / "run"
-    result = run_train("WGAN-GP", "--dataset", "mnist", "--data-root", mnist_root, "--width", 4, "--batch-size", 4,
-                       "--n-critic", 3, "--max-steps", 2, "--log-every", 1, "--device", "cpu", "--out", run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(run)["batches"] == {"epoch": 0, "index": 2 * 3}  # Alg. 1 line 4: a fresh x each time
-    tags = scalar_tags(run)
+    checkpoint, tags = two_logged_steps("WGAN-GP", mnist_root, tmp_path / "run", "--batch-size", 4, "--n-critic", 3)
+    assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 3}  # Alg. 1 line 4: a fresh x each time
     assert [s for s, _ in tags["penalty/gp"]] == [1, 2] and all(gp >= 0 for _, gp in tags["penalty/gp"])
     assert [s for s, _ in tags["wasserstein/estimate"]] == [1, 2]
