@@ -1,17 +1,11 @@
-"""Everything that is not the paper: the same file, byte for byte, in every folder of the collection.
+"""Everything that is not the paper, the same file byte for byte in every folder: model.py, train.py and
+dataset.py hold the paper and pass in what differs (the folder's name, z's prior, its data sets, ...); this
+file runs it and imports none of them. Edit it once and copy it to the six other folders.
 
-model.py, train.py and dataset.py hold the paper; this file runs it. What differs between folders (the
-folder's name, z's prior, its data sets, the flags --resume may change, which networks compile) is passed
-in by them; nothing here imports them. A change here is made once and copied to the six other folders
-(tests/test_copies.py names the first line where a copy differs).
-
-Contents, in order: one-line errors and flags; checkpoints; the run's configuration (--resume,
---evaluate); speed flags; the training run (folder, logs, grids, checkpoints, signals, NaN guard);
-model.py's sampling command; IS, FID and KID through torch-fidelity; MNIST's files; decoding and caching
-image files; where the decoded set is kept and how batches are fed.
+In order: errors and flags; checkpoints; --resume and --evaluate; speed; the training run; model.py's sampling
+command; IS, FID and KID; MNIST's files; decoding and caching images; where the set is kept, and the batches.
 """
 import argparse
-import bisect
 import contextlib
 import errno
 import gzip
@@ -40,12 +34,12 @@ import torchvision.utils as vutils
 from torch.nn.utils import parametrize
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
-from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = HERE.parent / "data"  # data sets live beside the folders, shared by all of them
 FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
+GIF_FRAMES = 100  # progress.gif shows at most this many of the fixed-noise grids
 
 
 # ---- one-line errors and flags ----
@@ -99,8 +93,7 @@ def require_positive(parser, args, *names):
 
 
 def add_run_flags(p, sample_every=500, log_every=50, checkpoint_every=500, sources=None):
-    """The flags of a training run that every folder shares; the paper's own flags come before them. `sources`
-    names where a folder's interval defaults come from ({"log_every": "official code: every 100"}), in their help."""
+    """The flags every training run has; `sources` cites a folder's interval defaults ({"log_every": "..."})."""
     cited = {name: f" ({source})" for name, source in (sources or {}).items()}
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator steps in all")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
@@ -126,8 +119,8 @@ def writing(path):
 
 
 def write_atomically(path, data):
-    """`data` (bytes) written to a temporary file, flushed to disk and renamed over `path`: a kill at any moment
-    leaves the previous file whole. A failed write removes the temporary file and raises OSError."""
+    """`data` (bytes) into a temporary file, flushed to disk and renamed over `path`: a kill at any moment leaves
+    the previous file whole; a failed write removes the temporary file and raises OSError."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
@@ -160,8 +153,7 @@ class CheckpointError(Exception):
 
 
 def checkpoint_path(path, which="last"):
-    """A checkpoint file, or the run folder that holds it: its checkpoints/last.pt or best.pt (the best by the
-    folder's metric), or with which="auto" best.pt when the run kept one, else last.pt."""
+    """A checkpoint file, or a run folder's checkpoints/last.pt, best.pt, or (auto) best.pt when it has one."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -190,8 +182,7 @@ def read_checkpoint(path, folder):
 
 
 def save_checkpoint(path, state):
-    """The state serialised in memory, then written atomically: a full disk is an honest OSError, never a
-    half-written checkpoint."""
+    """Serialised in memory, then written atomically: a full disk is one line, never a half-written file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with writing(path):
@@ -232,14 +223,18 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
                          f"{', '.join(flag(key) for key in sorted(allowed & set(vars(args))))})")
         args = argparse.Namespace(**{**vars(args), **checkpoint["args"], **given, "resume": args.resume,
                                      "evaluate": evaluate, "out": str(run_folder)})
-    check_run_flags(parser, args)
+    require_at_least(parser, args, 1, "sample_every", "log_every", "checkpoint_every", "max_steps")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
+    check_device(parser, args.device)
+    if args.out is not None and not evaluate and unwritable(args.out):
+        parser.error(f"--out {args.out}: {unwritable(args.out)}")
     check(parser, args)
     return args, checkpoint
 
 
 def explicit_flags(parser, argv):
-    """The flags given on the command line, by destination name: argparse fills in a default only for a name
-    that the namespace does not hold yet, so parsing into a namespace of placeholders leaves defaults out."""
+    """The flags given on the command line: argparse leaves a name's default out when the namespace has it."""
     unset = object()
     names = vars(parser.parse_args(argv))
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
@@ -251,18 +246,6 @@ def check_device(parser, device, choices=("auto", "cpu", "cuda")):
         parser.error(f"--device must be {', '.join(choices[:-1])} or {choices[-1]}, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}, but no CUDA GPU is visible; use --device cpu")
-
-
-def check_run_flags(parser, args):
-    """The flags add_run_flags defines."""
-    require_at_least(parser, args, 1, "sample_every", "log_every", "checkpoint_every", "max_steps")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
-    check_device(parser, args.device)
-    if args.out is not None and not getattr(args, "evaluate", None):
-        problem = unwritable(args.out)
-        if problem:
-            parser.error(f"--out {args.out}: {problem}")
 
 
 def pick_device(args):
@@ -280,19 +263,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @contextlib.contextmanager
@@ -315,23 +285,19 @@ def rng_untouched(device, seed=None):
 
 def add_speed_flags(p):
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="fp32: float32 throughout, as the papers' official code trained. bf16: each network's "
-                        "forward runs under bfloat16 autocast and returns float32; losses, parameters and optimiser "
-                        "state stay float32. Part of the run's configuration: --resume keeps it")
+                   help="fp32 as the papers trained; bf16: each forward under bfloat16 autocast, with losses, "
+                        "parameters and optimiser state float32. --resume keeps it")
     p.add_argument("--channels-last", action=ON_OFF, default=False,
-                   help="keep the convolutions' weights, and so their activations, in channels-last memory layout "
-                        "(off: PyTorch's default layout); the arithmetic and the checkpoint are the same, the speed "
-                        "depends on the hardware (see the top-level README). --resume may turn it on or off")
+                   help="convolutions in channels-last memory layout: the same arithmetic and checkpoint, a speed "
+                        "that depends on the hardware. --resume may change it")
     p.add_argument("--compile", action=ON_OFF, default=False,
-                   help="torch.compile the networks in place (off: eager PyTorch, as the papers' code ran); the "
-                        "checkpoint does not change. --resume may turn it on or off; the resumed run then matches "
-                        "an uninterrupted one only up to rounding")
+                   help="torch.compile the networks (the checkpoint does not change). --resume may change it; the "
+                        "resumed run then matches an uninterrupted one only up to rounding")
 
 
 def speed_up(networks, precision, compile, device, channels_last=False, compiled=("G", "D")):
-    """--precision, --channels-last and --compile, applied in place to {name: network}; only the networks named
-    in `compiled` are compiled (torch.compile cannot differentiate a gradient twice, so a network whose input
-    gradient enters the loss stays eager). Parameters, buffers and state_dict keys do not change."""
+    """--precision, --channels-last and --compile, in place; only `compiled` compile (torch.compile cannot take a
+    gradient of a gradient, as a penalty on D's input gradient needs). The state_dict keys do not change."""
     for name, net in networks.items():
         if channels_last:
             net.to(memory_format=torch.channels_last)
@@ -345,13 +311,8 @@ def speed_up(networks, precision, compile, device, channels_last=False, compiled
 
 
 def bf16_forward(net, device_type):
-    """net.forward under bfloat16 autocast, with its output returned as float32.
-
-    Autocast runs convolutions and matrix products on bfloat16 copies of the float32 weights, so the float32
-    parameters remain the master weights and every loss is computed in float32. Parametrized weights (spectral
-    norm's W / sigma(W)) are computed first, outside autocast: the power iteration and sigma stay float32, and
-    cached() keeps them to one computation, so one power iteration, per forward.
-    """
+    """net.forward under bfloat16 autocast (bfloat16 copies of the float32 master weights), returning float32.
+    Parametrized weights (spectral norm's W / sigma(W)) are computed first, in float32, once per forward."""
     forward = net.forward
     parametrized = [(module, name) for module in net.modules() if parametrize.is_parametrized(module)
                     for name in module.parametrizations]
@@ -370,13 +331,9 @@ def bf16_forward(net, device_type):
 # ---- the training run ----
 
 class Run:
-    """One training run: its folder, step counter, scalars, fixed-noise grids, checkpoints (every
-    --checkpoint-every steps, at the end, and on Ctrl-C or SIGTERM), the best checkpoint by `metric`, and the
-    stop on NaN or Inf. A checkpoint holds every network, optimiser, RNG state and the batch position, so a
-    resumed run continues exactly.
-
-    `metric()` returns ({scalar name: value}, score) every `eval_every` steps; `grid(z)` draws the fixed-noise
-    grid; `folder` names the folder in checkpoints; `compiled` names the networks --compile compiles."""
+    """One training run: its folder, scalars, fixed-noise grids (`grid(z)`), checkpoints (every --checkpoint-every
+    steps, at the end, on Ctrl-C or SIGTERM) holding every network, optimiser, RNG state and the batch position,
+    so a resume is exact; `metric()` -> ({name: value}, score) every `eval_every` steps picks best.pt; NaN stops."""
 
     def __init__(self, args, checkpoint, nets, optimizers, batches, fixed_z, total, title, grid, folder,
                  compiled=("G", "D"), metric=None, eval_every=0, higher_is_better=True):
@@ -399,8 +356,6 @@ class Run:
                 folder.mkdir(parents=True, exist_ok=True)
         for stray in (self.out / "checkpoints").glob("*.tmp"):  # left by a run killed while saving
             stray.unlink()
-        if checkpoint is not None:
-            self.restore_best_file(checkpoint)
         with writing(self.out / "args.json"):
             write_atomically(self.out / "args.json", json.dumps(vars(args), indent=2).encode())
         # events after the checkpoint's step came from a run that went past it, and are dropped
@@ -437,9 +392,8 @@ class Run:
         return self.step % every == 0 or self.step == self.total
 
     def end_step(self, scalars, also_log=None):
-        """After the step's updates: count it, and log (each scalar's mean since the last log, and also_log()'s
-        values, computed only then), draw, evaluate and save when their intervals come. The scalars stay on the
-        device until they are logged."""
+        """Count the step; log the scalars' means (kept on the device until then) and also_log(), draw, evaluate
+        and save when their intervals come."""
         self.step += 1
         self.progress.update()
         values = torch.stack([torch.as_tensor(value, device=self.device).detach().float()
@@ -471,15 +425,15 @@ class Run:
         self.progress.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in list(scalars.items())[:2]})
 
     def evaluate(self):
-        """The metric now; a new best is saved as best.pt, with last.pt at the same step (see restore_best_file)."""
+        """The metric now; a new best is saved as best.pt, with last.pt at the same step."""
         self.check_finite()
         scalars, score = self.metric()
         self.log(scalars)
         higher, best = self.higher_is_better, self.best
         if math.isfinite(score) and (best is None or (score > best["score"] if higher else score < best["score"])):
             self.best = {"score": score, "step": self.step}
+            self.save("best.pt")  # then last.pt: a kill between the two is replayed exactly by --resume
             self.save("last.pt")
-            self.save("best.pt")
 
     def check_finite(self):
         """Stop, keeping the last good checkpoint, if a scalar, a weight or a buffer has become NaN or Inf."""
@@ -498,7 +452,9 @@ class Run:
         return {"folder": self.folder, "format": FORMAT, "step": self.step, "best": self.best, "fixed_z": self.fixed_z,
                 **{name: net.state_dict() for name, net in self.nets.items()},
                 **{name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-                "batches": self.batches.state_dict(), "rng": rng_states(), "args": vars(self.args)}
+                "batches": self.batches.state_dict(), "args": vars(self.args),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def save(self, name):
         save_checkpoint(self.out / "checkpoints" / name, self.state())
@@ -512,28 +468,25 @@ class Run:
             self.batches.load_state_dict(checkpoint["batches"])
             self.fixed_z = checkpoint["fixed_z"].to(self.fixed_z.device)
             self.step, self.best = checkpoint["step"], checkpoint["best"]
-            set_rng_states(checkpoint["rng"])
+            rng = checkpoint["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a checkpoint of other networks
             fail(f"--resume {self.args.resume}: the checkpoint does not fit {self.folder}'s networks ({reason(error)})")
-
-    def restore_best_file(self, checkpoint):
-        """A kill between writing last.pt and best.pt at a new best leaves an older best.pt: rewrite it."""
-        path = self.out / "checkpoints" / "best.pt"
-        if self.best is not None and self.best["step"] == self.step:
-            try:
-                stale = read_checkpoint(path, self.folder)["step"] != self.step
-            except CheckpointError:
-                stale = True
-            if stale:
-                save_checkpoint(path, checkpoint)
 
     def finish(self):
         """The last checkpoint and the progress animation; returns the exit code (128 + signal if stopped)."""
         self.progress.close()
         self.check_finite()
         self.save("last.pt")
+        frames = sorted((self.out / "samples").glob("step_*.png"))  # as an animation, GIF_FRAMES evenly spaced
+        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(GIF_FRAMES, len(frames)))]
         with writing(self.out / "progress.gif"):
-            write_gif(self.out / "samples", self.out / "progress.gif")
+            if picked:
+                imageio.imwrite(self.out / "progress.gif", [imageio.imread(f) for f in picked], duration=250, loop=0)
         with writing(self.out):
             self.writer.close()
         if self.stopped_by is not None:
@@ -545,14 +498,6 @@ class Run:
         return 0
 
 
-def write_gif(samples_dir, path, max_frames=100):
-    """The fixed-noise grids as an animation, at most `max_frames` of them, evenly spaced."""
-    frames = sorted(samples_dir.glob("step_*.png"))
-    if frames:
-        picked = [frames[round(i)] for i in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))]
-        imageio.imwrite(path, [imageio.imread(f) for f in picked], duration=250, loop=0)
-
-
 # ---- model.py's sampling command ----
 
 def sampling_parser(description, num_help):
@@ -560,8 +505,7 @@ def sampling_parser(description, num_help):
     parser = FlagParser(description=description)
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
     parser.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"),
-                        help="in a run folder: best.pt (the best checkpoint by the folder's metric, when train.py "
-                             "kept one), last.pt, or auto: best.pt when the run kept one, else last.pt")
+                        help="in a run folder: best.pt (by the folder's metric), last.pt, or best.pt if it exists")
     parser.add_argument("--num", type=int, default=None, help=num_help)
     parser.add_argument("--out", default="samples.png", help="the grid's file, or a folder with --single")
     parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
@@ -614,24 +558,22 @@ def write_images(images, out, single, nrow, names=None):
 
 
 # ---- IS, FID and KID through torch-fidelity ----
-# The papers' yardstick: Inception Score (Salimans et al. 2016), FID (Heusel et al. 2017) and KID (Binkowski et al.
-# 2018), all computed by torch-fidelity. G's samples and the real images go to it as uint8 tensors, never as files.
+# Inception Score (Salimans et al. 2016), FID (Heusel et al. 2017) and KID (Binkowski et al. 2018), computed by
+# torch-fidelity; G's samples and the real images go to it as uint8 tensors, never as files.
 ISC_SPLITS = 10  # Salimans et al. 2016 (official code, inception_score.py): the mean and std over 10 splits
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018 (torch-fidelity's defaults): 100 subsets of 1000
 EVAL_BATCH = 64  # images per forward pass of G and of the feature extractor (torch-fidelity's default)
-METRIC_EVALUABLE = {"eval_samples", "eval_real", "feature_extractor", "inception_weights"}
-# Data sets with a test split for --eval-real test (torchvision reads them as whole arrays).
+METRIC_EVALUABLE = {"eval_samples", "eval_real", "feature_extractor"}
 TEST_SPLITS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-               "cifar10": torchvision.datasets.CIFAR10}
+               "cifar10": torchvision.datasets.CIFAR10}  # the data sets that --eval-real test can use
 
 
 def fidelity():
-    """torch-fidelity, imported at first use: only the convolutional folders' metrics need it."""
+    """torch-fidelity, imported at first use, with z ~ U(-1, 1)^d as a noise source beside its "normal"."""
     import torch_fidelity
     from torch_fidelity.registry import NOISE_SOURCE_REGISTRY
 
     if "uniform_-1_1" not in NOISE_SOURCE_REGISTRY:
-        # z ~ U(-1, 1)^d, drawn from torch-fidelity's own seeded NumPy stream like its "normal" source
         torch_fidelity.register_noise_source(
             "uniform_-1_1", lambda rng, shape: torch.from_numpy(rng.uniform(-1.0, 1.0, shape)).float())
     return torch_fidelity
@@ -653,14 +595,11 @@ def add_metric_flags(p):
                         "as metrics/is, metrics/fid, metrics/kid; the best FID's checkpoint is kept as "
                         "checkpoints/best.pt (default: off)")
     p.add_argument("--eval-every-samples", type=int, default=10_000,
-                   help="samples of G for each --eval-every evaluation (fewer than --eval-samples: faster, "
-                        "and FID is higher at fewer samples, so compare only numbers of the same sample count)")
+                   help="samples of G for each --eval-every evaluation (FID is higher at fewer samples: compare "
+                        "only numbers of the same sample count)")
     p.add_argument("--feature-extractor", default="inception-v3-compat",
                    help="torch-fidelity's feature extractor; inception-v3-compat is its port of the TensorFlow "
                         "Inception-v3 that the IS and FID reference code uses")
-    p.add_argument("--inception-weights", default=None, metavar="FILE",
-                   help="a local copy of the feature extractor's weights (default: torch-fidelity downloads "
-                        "its Inception-v3 weights into torch's hub checkpoints folder at first use)")
 
 
 def check_metric_args(parser, args):
@@ -673,82 +612,49 @@ def check_metric_args(parser, args):
     if args.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
         parser.error(f"--feature-extractor {args.feature_extractor!r} is not one of torch-fidelity's: "
                      f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
-    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
-        parser.error(f"--inception-weights {args.inception_weights}: no such file")
 
 
 def check_feature_extractor(args, device):
-    """Create the feature extractor once, downloading its weights at first use; exit 2 if that cannot be done."""
+    """Create the feature extractor once (torch-fidelity downloads its weights at first use), or exit in one line."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
-    name = Path(url).name
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    if args.feature_extractor == "inception-v3-compat" and args.inception_weights is None \
-            and not (folder / name).exists():
-        print(f"downloading the Inception-v3 weights {url} into {folder} (once)")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(folder / name), progress=True)
-        except Exception as error:  # no network, a refused connection, an unwritable folder
-            fail(f"the Inception-v3 weights {name} are not in {folder} and could not be downloaded "
-                 f"({reason(error)}); copy the file into that folder (from {url}), or pass --inception-weights FILE")
     extractor = FEATURE_EXTRACTORS_REGISTRY[args.feature_extractor]
-    with rng_untouched(device):
-        try:
-            extractor(args.feature_extractor, [extractor.get_default_feature_layer_for_metric("fid")],
-                      feature_extractor_weights_path=args.inception_weights, verbose=False)
-        except Exception as error:  # a missing, corrupt or mismatched weights file
-            if args.inception_weights is not None:
-                fail(f"--inception-weights {args.inception_weights}: not usable by {args.feature_extractor} "
-                     f"({reason(error)})")
-            if args.feature_extractor != "inception-v3-compat":
-                fail(f"the feature extractor {args.feature_extractor} could not be created ({reason(error)})")
-            fail(f"the Inception-v3 weights {folder / name} are unreadable ({reason(error)}); delete the file to "
-                 f"download it again, or pass --inception-weights FILE")
-
-
-def real_images(args, training_images):
-    """The real set as a CPU uint8 tensor (N, C, H, W): the training set exactly as train.py trains on it, or
-    the test split prepared the same way (the whole image resized once, antialiased, rounded to uint8)."""
-    if args.eval_real == "train":
-        return training_images(args)
     try:
-        data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
-    except Exception as error:  # missing or corrupt files, or a failed download
-        raise DataError(f"the {args.dataset} test split is not readable under {args.data_root} ({reason(error)}); "
-                        f"put it there, or use --eval-real train") from None
-    return resize(data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous(), args.image_size)
+        with rng_untouched(device), contextlib.redirect_stderr(sys.stdout):  # the download's progress is no error
+            extractor(args.feature_extractor, [extractor.get_default_feature_layer_for_metric("fid")], verbose=False)
+    except Exception as error:  # offline at first use, or a damaged weights file
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        fail(f"{args.feature_extractor} cannot be made from its weights in {folder} ({reason(error)}); for "
+             f"Inception-v3, copy {Path(url).name} there from {url}, or delete a damaged copy to download it again")
 
 
 class RealSet(torch.utils.data.Dataset):
-    """The real images FID and KID compare against, as torch-fidelity takes them (uint8 (3, H, W), a single
-    channel repeated three times), and the name and folder of torch-fidelity's cache of their features: keyed
-    by data set, split, image size, image count and content, and the extractor's weights."""
+    """The real images FID and KID compare against, as torch-fidelity takes them (uint8 (3, H, W)): the training
+    set as train.py trains on it, or the test split prepared the same way. Their features are cached under a
+    name keyed by data set, split, image size, count and content."""
 
     def __init__(self, args, training_images):
         try:
-            self.images = torch.as_tensor(real_images(args, training_images))
+            if args.eval_real == "train":
+                self.images = torch.as_tensor(training_images(args))
+            else:
+                data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
+                self.images = resize(data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2), args.image_size)
         except DataError as error:
             fail(error)
-        self.progress = None
-        self.description = (f"the {len(self)} {args.eval_real} images of {args.dataset} at "
-                            f"{args.image_size}x{args.image_size}")
+        except Exception as error:  # missing or corrupt files, or a failed download
+            fail(f"the {args.dataset} test split is not readable under {args.data_root} ({reason(error)}); put it "
+                 f"there, or use --eval-real train")
+        self.description = f"the {len(self)} {args.eval_real} images of {args.dataset} at {args.image_size}px"
         content = hashlib.sha1()
         for start in range(0, len(self), 4096):
             content.update(self.images[start:start + 4096].contiguous().numpy())
-        # torch-fidelity adds the extractor's name to the file names; its weights are identified here
-        weights = (hashlib.sha256(Path(args.inception_weights).read_bytes()).hexdigest()[:8]
-                   if args.inception_weights else "default")
-        self.cache_name = (f"{args.dataset}-{args.eval_real}-{args.image_size}px-{len(self)}-"
-                           f"{content.hexdigest()[:12]}-weights-{weights}")
+        self.cache_name = f"{args.dataset}-{args.eval_real}-{args.image_size}px-{len(self)}-{content.hexdigest()[:12]}"
         candidates = [Path(args.data_root) / ".fidelity-cache", Path(torch.hub.get_dir()).parent / "fidelity_cache"]
         self.cache_root = next((folder for folder in candidates if unwritable(folder) is None), None)
-        if self.cache_root is None:
-            tqdm.write("neither the data root nor torch's folder is writable: the real set's features will be "
-                       "computed at every evaluation")
-        elif self.cache_root != candidates[0]:
-            tqdm.write(f"the data root {args.data_root} is not writable; the real set's features are cached in "
-                       f"{self.cache_root}")
+        if self.cache_root != candidates[0]:
+            tqdm.write(f"the data root {args.data_root} is not writable; the real set's features are "
+                       + (f"cached in {self.cache_root}" if self.cache_root else "computed at every evaluation"))
 
     def cached(self, extractor):
         return self.cache_root is not None and any(self.cache_root.glob(f"{self.cache_name}-{extractor}-*"))
@@ -757,59 +663,41 @@ class RealSet(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = self.images[index]
-        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        return self.images[index].expand(3, -1, -1)
 
-    def __getitems__(self, indices):
-        """A whole batch at once (the DataLoader's batched fetch), with a progress bar."""
-        if self.progress is None:
-            self.progress = tqdm(total=len(self), desc=f"embedding the {len(self)} real images (once)", unit="img",
-                                 leave=False, dynamic_ncols=True)
-        self.progress.update(len(indices))
-        images = self.images[indices]
-        return list(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
-
-
-def samples_of(draw, z_dim, z_prior, device, progress):
-    """G as torch-fidelity samples it: z from the folder's prior (torch-fidelity's seeded noise source
-    `z_prior`), `draw(z)` in [-1, 1] (G in eval mode), mapped back to uint8 pixels with three channels."""
-
-    class Samples(fidelity().GenerativeModelBase):
-        z_size, z_type, num_classes = z_dim, z_prior, 0
-
-        def forward(self, z):
-            images = draw(z.to(device)).float()
-            progress.update(len(z))
-            # [-1, 1] back to pixels: the inverse of the data's x / 127.5 - 1
-            pixels = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-            return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
-
-    return Samples()
+    def __getitems__(self, indices):  # a whole batch at once (the DataLoader's batched fetch)
+        return list(self.images[indices].expand(-1, 3, -1, -1))
 
 
 def sample_metrics(draw, args, device, z_prior, real, num_samples):
-    """IS of num_samples samples of G; their FID and KID against the real set, whose features are cached."""
+    """IS of num_samples samples of G (z from torch-fidelity's seeded noise source `z_prior`, `draw(z)` in
+    [-1, 1]); their FID and KID against the real set, whose features are cached."""
     tf = fidelity()
+    progress = tqdm(total=num_samples, desc=f"generating and embedding {num_samples} samples", unit="img",
+                    leave=False, dynamic_ncols=True)
+
+    class Samples(tf.GenerativeModelBase):
+        z_size, z_type, num_classes = args.z_dim, z_prior, 0
+
+        def forward(self, z):
+            progress.update(len(z))
+            # [-1, 1] back to pixels: the inverse of the data's x / 127.5 - 1
+            pixels = draw(z.to(device)).float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            return pixels.expand(-1, 3, -1, -1)
+
     if not real.cached(args.feature_extractor):
         tqdm.write(f"the features of {real.description} are computed once"
                    + (f" and cached in {real.cache_root}" if real.cache_root else ""))
-    progress = tqdm(total=num_samples, desc=f"generating and embedding {num_samples} samples", unit="img",
-                    leave=False, dynamic_ncols=True)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     kid_subset_size = min(KID_SUBSET_SIZE, num_samples, len(real))
     with rng_untouched(device), on_device:
         scores = tf.calculate_metrics(
-            input1=samples_of(draw, args.z_dim, z_prior, device, progress), input1_model_num_samples=num_samples,
-            input2=real, input2_cache_name=real.cache_name, cache=real.cache_root is not None,
-            cache_root=str(real.cache_root), isc=True, fid=True, kid=True, isc_splits=ISC_SPLITS,
-            kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size,
-            feature_extractor=args.feature_extractor, feature_extractor_weights_path=args.inception_weights,
-            batch_size=EVAL_BATCH, cuda=device.type == "cuda", rng_seed=args.seed, save_cpu_ram=True,
-            verbose=False)
+            input1=Samples(), input1_model_num_samples=num_samples, input2=real, input2_cache_name=real.cache_name,
+            cache=real.cache_root is not None, cache_root=str(real.cache_root), isc=True, fid=True, kid=True,
+            isc_splits=ISC_SPLITS, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size,
+            feature_extractor=args.feature_extractor, batch_size=EVAL_BATCH, cuda=device.type == "cuda",
+            rng_seed=args.seed, save_cpu_ram=True, verbose=False)
     progress.close()
-    if real.progress is not None:
-        real.progress.close()
-        real.progress = None
     return {"inception_score": scores[tf.KEY_METRIC_ISC_MEAN], "inception_score_std": scores[tf.KEY_METRIC_ISC_STD],
             "fid": scores[tf.KEY_METRIC_FID], "kid": scores[tf.KEY_METRIC_KID_MEAN],
             "kid_std": scores[tf.KEY_METRIC_KID_STD], "kid_subset_size": kid_subset_size}
@@ -822,27 +710,20 @@ def evaluate_checkpoint(args, checkpoint, G, draw, device, folder, z_prior, trai
     if unwritable(run):
         fail(f"cannot write metrics.json into the run folder {run}")
     check_feature_extractor(args, device)
-    try:
-        G.load_state_dict(checkpoint["G"])
-    except (KeyError, RuntimeError) as error:
-        fail(f"--evaluate {args.evaluate}: G's weights do not fit {folder}'s generator ({reason(error)})")
-    G.to(device)
+    G.to(device).load_state_dict(checkpoint["G"])
     real = RealSet(args, training_images)
     path = checkpoint_path(args.evaluate, "auto")
     print(f"{folder}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
     scores = sample_metrics(draw, args, device, z_prior, real, args.eval_samples)
     print(f"Inception Score: {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f} "
-          f"({args.eval_samples} samples, {ISC_SPLITS} splits)")
-    print(f"FID: {scores['fid']:.3f} ({args.eval_samples} samples against {real.description})")
-    print(f"KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} ({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
+          f"({ISC_SPLITS} splits); FID: {scores['fid']:.3f}; KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} "
+          f"({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
     record = {"folder": folder, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
               "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
-              "real_split": args.eval_real, "real_images": len(real), **scores,
-              "isc_splits": ISC_SPLITS, "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
-              "feature_extractor": args.feature_extractor,
-              "feature_extractor_weights": args.inception_weights or (
-                  "inception-v3-compat default" if args.feature_extractor == "inception-v3-compat" else "default"),
-              "torch_fidelity": fidelity().__version__, "device": str(device)}
+              "real_split": args.eval_real, "real_images": len(real), **scores, "isc_splits": ISC_SPLITS,
+              "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
+              "feature_extractor": args.feature_extractor, "torch_fidelity": fidelity().__version__,
+              "device": str(device)}
     with writing(run / "metrics.json"):
         write_atomically(run / "metrics.json", json.dumps(record, indent=2).encode())
     print(f"wrote {run / 'metrics.json'}")
@@ -864,8 +745,8 @@ class TrainingMetrics:
                                 self.args.eval_every_samples)
         tqdm.write(f"FID {scores['fid']:.3f}, IS {scores['inception_score']:.3f}, KID {scores['kid']:.5f} "
                    f"({self.args.eval_every_samples} samples)")
-        scalars = {"metrics/fid": scores["fid"], "metrics/is": scores["inception_score"], "metrics/kid": scores["kid"]}
-        return scalars, scores["fid"]
+        return {"metrics/fid": scores["fid"], "metrics/is": scores["inception_score"], "metrics/kid": scores["kid"]}, \
+            scores["fid"]
 
 
 # ---- MNIST's files ----
@@ -878,13 +759,9 @@ MNIST_CLASSES = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvisi
 
 
 def read_mnist(name, root, train=True, download=True):
-    """The training (or test) images (N, 28, 28) and labels (N,) of MNIST or Fashion-MNIST under `root`.
-
-    torchvision's parsers read ROOT/MNIST/raw/*-ubyte (FashionMNIST/raw/ for Fashion-MNIST), plain or
-    gzipped; a gzipped file is read where it is (a read-only folder is fine). A file that is there is used
-    whenever it parses, whatever its checksum; files that are not there are downloaded when `download` is
-    set. Every problem is a DataError naming the file.
-    """
+    """The training (or test) images (N, 28, 28) and labels (N,) of MNIST or Fashion-MNIST: ROOT/MNIST/raw/*-ubyte
+    (FashionMNIST/raw/), plain or gzipped, read where they are by torchvision's parsers whatever their checksum,
+    or downloaded when absent. Every problem is a DataError naming the file."""
     folder = Path(root) / MNIST_CLASSES[name].__name__ / "raw"
     prefix = "train" if train else "t10k"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
@@ -922,23 +799,21 @@ def idx_file(folder, stem):
 def read_idx(path, parse, kind):
     """One IDX file parsed by torchvision's `parse`; a gzipped one is unpacked into a scratch folder first."""
     with tempfile.TemporaryDirectory() as scratch:
-        source = path
         try:
-            if path.suffix == ".gz":
-                source = Path(scratch) / path.stem
+            source = Path(scratch) / path.stem if path.suffix == ".gz" else path
+            if source != path:
                 source.write_bytes(gzip.decompress(path.read_bytes()))
-            return parse(str(source))
         except (OSError, EOFError, zlib.error) as error:  # unreadable, not gzip, or cut short
             raise DataError(f"{path} cannot be read ({reason(error)}); replace it") from None
+        try:
+            return parse(str(source))
         except Exception as error:  # torchvision's parser stops with an assertion, a type or a shape error
-            raise DataError(f"{path} is not an MNIST {kind} file in IDX format ({reason(error)}); replace it") \
-                from None
+            raise DataError(f"{path} is not an MNIST {kind} file in IDX format ({reason(error)}); replace it") from None
 
 
 @contextlib.contextmanager
 def no_new_folders_on_failure(folder):
-    """Remove the folders on the way to `folder` that a failed attempt created: a mistyped --data-root is not
-    left behind as an empty tree."""
+    """Remove the folders on the way to `folder` that a failed download created (a mistyped --data-root)."""
     folder = Path(folder).absolute()
     new = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
@@ -953,10 +828,8 @@ def no_new_folders_on_failure(folder):
 # ---- image data: in memory, or decoded once into a cache ----
 
 CHANNELS = {"cifar10": 3, "mnist": 1, "fashion-mnist": 1, "celeba": 3, "folder": 3, "lsun": 3}
-# The scene categories torchvision's LSUN reads; a set is CATEGORY_train or CATEGORY_val.
 LSUN_SCENES = ("bedroom", "bridge", "church_outdoor", "classroom", "conference_room", "dining_room", "kitchen",
-               "living_room", "restaurant", "tower")
-# What torchvision reads under --data-root, named in the error when it is missing.
+               "living_room", "restaurant", "tower")  # a set is CATEGORY_train or CATEGORY_val
 EXPECTED_FILES = {"cifar10": "cifar-10-batches-py/ (or cifar-10-python.tar.gz)",
                   "celeba": "celeba/img_align_celeba/*.jpg and celeba/list_eval_partition.txt"}
 DECODE_CHUNK = 256  # images decoded and written at a time: bounds the memory a decode holds
@@ -974,17 +847,12 @@ def add_image_data_flags(p):
     p.add_argument("--cache-dir", default=None,
                    help="where image folders, CelebA and LSUN are cached once decoded (default: beside the data, "
                         "or ~/.cache/gan-papers when that is read-only)")
-    p.add_argument("--strict-images", action="store_true",
-                   help="stop at an image file that does not decode (default: leave it out with a warning)")
 
 
-def load_images(name, root, image_size, prepare, cache_dir=None, strict=False, lsun_classes=(), download=True):
-    """The whole training set of `name` as a uint8 tensor (N, C, image_size, image_size).
-
-    MNIST, Fashion-MNIST and CIFAR-10 are read into memory by torchvision and resized there. Image folders,
-    CelebA and LSUN are decoded once by `prepare` (PIL image -> uint8 tensor) into a cache file that is then
-    memory-mapped (see decode_once), so the set is never held twice in memory.
-    """
+def load_images(name, root, image_size, prepare, cache_dir=None, lsun_classes=(), download=True):
+    """The whole training set of `name` as a uint8 tensor (N, C, image_size, image_size). MNIST, Fashion-MNIST
+    and CIFAR-10 are read into memory by torchvision and resized there; image folders, CelebA and LSUN are
+    decoded once by `prepare` (PIL image -> uint8 tensor) into a cache file that is memory-mapped."""
     root = Path(root)
     if name in MNIST_CLASSES:
         return resize(read_mnist(name, root, download=download)[0].unsqueeze(1), image_size)
@@ -993,7 +861,7 @@ def load_images(name, root, image_size, prepare, cache_dir=None, strict=False, l
             with no_new_folders_on_failure(root):
                 data = torchvision.datasets.CIFAR10(root, train=True, download=download).data
         except Exception as error:  # missing or corrupt files, or a failed download
-            raise damaged_cifar10(root) or missing("cifar10", root, error) from None
+            raise missing("cifar10", root, error) from None
         return resize(torch.as_tensor(data).permute(0, 3, 1, 2).contiguous(), image_size)
     if name == "folder":
         source = folder_source(root, prepare)
@@ -1008,25 +876,13 @@ def load_images(name, root, image_size, prepare, cache_dir=None, strict=False, l
         source = (f"CelebA in {(root / 'celeba').absolute()}", root / "celeba", files_digest(files), celeba)
     else:
         source = lsun_source(root, lsun_classes, prepare)
-    return decode_once(*source, image_size, cache_dir, strict)
+    return decode_once(*source, image_size, cache_dir)
 
 
 def missing(name, root, error):
     return DataError(f"{name} is not readable under {root} ({reason(error)}); expected {EXPECTED_FILES[name]} "
                      f"there. Download it on a machine with network access, or point --data-root at a folder "
                      f"that has it.")
-
-
-def damaged_cifar10(root):
-    """A DataError naming the first file of ROOT/cifar-10-batches-py that is missing or damaged, if any."""
-    cifar = torchvision.datasets.CIFAR10
-    folder = root / cifar.base_folder
-    for file, md5 in (*cifar.train_list, *cifar.test_list):
-        if folder.is_dir() and not check_integrity(str(folder / file), md5):
-            state = "does not match torchvision's checksum" if (folder / file).is_file() else "is missing"
-            return DataError(f"cifar10: {folder / file} {state}; replace {folder} with a fresh copy from "
-                             f"cifar-10-python.tar.gz, or point --data-root at a folder that has one")
-    return None
 
 
 def resize(images, image_size, chunk=4096):
@@ -1042,22 +898,18 @@ def resize(images, image_size, chunk=4096):
 
 
 class FlatFolder(torch.utils.data.Dataset):
-    """A folder of images without class sub-folders (CelebA's img_align_celeba/, say). The names are one numpy
-    array, not a list of Python strings, so decoding processes share them, not copy them."""
+    """The images directly in a folder without class sub-folders (CelebA's img_align_celeba/, say)."""
 
     def __init__(self, root, transform):
-        self.root, self.transform = Path(root), transform
-        self.names = np.array(sorted(os.fsencode(entry.name) for entry in os.scandir(root)
-                                     if os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS), dtype=bytes)
+        self.transform = transform
+        self.samples = [(os.path.join(root, name), 0) for name in sorted(os.listdir(root))
+                        if os.path.splitext(name)[1].lower() in IMG_EXTENSIONS]
 
     def __len__(self):
-        return len(self.names)
+        return len(self.samples)
 
     def __getitem__(self, index):
-        return self.transform(pil_loader(self.file(index))), 0
-
-    def file(self, index):
-        return str(self.root / os.fsdecode(self.names[index]))
+        return self.transform(pil_loader(self.samples[index][0])), 0
 
 
 def folder_source(root, prepare):
@@ -1067,27 +919,25 @@ def folder_source(root, prepare):
     try:
         if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
             images = torchvision.datasets.ImageFolder(root, transform=prepare, allow_empty=True)
-            files = [file for file, _ in images.samples]
         else:
             images = FlatFolder(root, prepare)
-            files = [images.file(i) for i in range(len(images))]
     except OSError as error:
         raise DataError(f"--data-root {root} cannot be read ({reason(error)})") from None
-    if not files:
+    if not images.samples:
         raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {root}")
-    return f"the images in {root.absolute()}", root, files_digest(files), images
+    return f"the images in {root.absolute()}", root, files_digest(file for file, _ in images.samples), images
 
 
 def files_digest(paths):
     """A hash of every file's name, size and modification time: what a decoded cache depends on."""
-    digest = hashlib.sha1()
+    lines = []
     for path in paths:
         try:
             stat = os.stat(path)
-            digest.update(f"{os.path.basename(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            lines.append(f"{os.path.basename(path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
         except OSError:
-            digest.update(f"{os.path.basename(path)}\tunreadable\n".encode())
-    return digest.hexdigest()
+            lines.append(f"{os.path.basename(path)}\tunreadable")
+    return digest(lines)
 
 
 class LsunScenes(torchvision.datasets.LSUN):
@@ -1113,43 +963,28 @@ class LsunScenes(torchvision.datasets.LSUN):
             self.opened_by = os.getpid()
         return super().__getitem__(index)
 
-    def file(self, index):
-        category = bisect.bisect_right(self.indices, index)
-        start = self.indices[category - 1] if category else 0
-        return f"{self.dbs[category].root} entry {self.dbs[category].keys[index - start].decode(errors='replace')}"
-
 
 def lsun_source(root, classes, prepare):
     """LSUN's sets `classes` under ROOT/lsun, as its download script leaves them: CLASS_lmdb/data.mdb."""
     folder = root / "lsun"
-    for name in classes:
+    databases = [folder / f"{name}_lmdb" / "data.mdb" for name in classes]
+    for name, database in zip(classes, databases):
         category, _, split = name.rpartition("_")
         if category not in LSUN_SCENES or split not in ("train", "val"):
             raise DataError(f"--lsun-classes: {name!r} is not an LSUN scene set; give CATEGORY_train or "
                             f"CATEGORY_val with CATEGORY one of {', '.join(LSUN_SCENES)}")
+        if not database.is_file():
+            raise DataError(f"lsun: {database} not found; get {name}_lmdb.zip with LSUN's download.py (python3 "
+                            f"download.py -c {category} -o {folder}), unzip it there, or point --data-root at the "
+                            f"folder that holds lsun/")
     try:
-        import lmdb
-    except ImportError:
-        raise DataError("--dataset lsun reads LMDB databases and needs the lmdb package: pip install lmdb") from None
-    identity = []
-    for name in classes:
-        database = folder / f"{name}_lmdb"
-        if not (database / "data.mdb").is_file():
-            raise DataError(f"lsun: {database / 'data.mdb'} not found; get {name}_lmdb.zip with LSUN's download.py "
-                            f"(python3 download.py -c {name.rpartition('_')[0]} -o {folder}), unzip it there, or "
-                            f"point --data-root at the folder that holds lsun/")
-        try:
-            with lmdb.open(str(database), readonly=True, lock=False) as env:
-                entries = env.stat()["entries"]
-        except lmdb.Error as error:
-            raise DataError(f"lsun: {database} is not a readable LMDB database ({reason(error)}); "
-                            f"download and unzip {name}_lmdb.zip again") from None
-        if entries == 0:
-            raise DataError(f"lsun: {database} holds no images")
-        stat = (database / "data.mdb").stat()
-        identity.append(f"{name}\t{entries}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    return (f"LSUN {' + '.join(classes)} in {folder.absolute()}", folder, digest(identity),
-            LsunScenes(str(folder.absolute()), classes, prepare))
+        scenes = LsunScenes(str(folder.absolute()), classes, prepare)
+    except Exception as error:  # lmdb.Error: a damaged or truncated database
+        raise DataError(f"lsun: {' or '.join(str(d.parent) for d in databases)} is not a readable LMDB database "
+                        f"({reason(error)}); download and unzip it again") from None
+    if len(scenes) == 0:
+        raise DataError(f"lsun: {folder} holds no images of {', '.join(classes)}")
+    return f"LSUN {' + '.join(classes)} in {folder.absolute()}", folder, files_digest(databases), scenes
 
 
 def digest(lines):
@@ -1169,8 +1004,7 @@ class Decodable(torch.utils.data.Dataset):
         try:
             return self.dataset[index][0], None
         except Exception as error:  # a truncated or corrupt image file: reported, not fatal
-            file = self.dataset.file(index) if hasattr(self.dataset, "file") else (
-                self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}")
+            file = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}"
             why = "not an image file that Pillow reads" if isinstance(error, PIL.UnidentifiedImageError) \
                 else reason(error)
             return None, f"{file} ({why})"
@@ -1182,21 +1016,20 @@ def stack_decoded(items):
     return (torch.stack(images) if images else None), [why for _, why in items if why is not None], len(items)
 
 
-def decode_once(what, home, identity, dataset, image_size, cache_dir, strict):
-    """The images of `dataset` (described as `what`), decoded to uint8 (N, 3, S, S) and mapped from a cache file.
-
-    The cache's name holds a hash of all it depends on (the files' names, sizes and modification times, the
-    size, the preparation and the libraries' versions), so a stale cache is never read. It is whole when
-    STEM.u8 and STEM.json agree; it is written as STEM.partial, chunk by chunk, with a progress record from
-    which an interrupted decode continues, and renamed at the end. Files that do not decode are left out with
-    a warning, or stop the decode with `strict`.
-    """
-    folder = cache_folder(home, cache_dir)
+def decode_once(what, home, identity, dataset, image_size, cache_dir):
+    """The images of `dataset` (`what`), decoded once to uint8 (N, 3, S, S) into a cache file and mapped from it.
+    The cache's name hashes what it depends on (files' names, sizes and times, the size, the preparation, the
+    libraries' versions), so a stale cache is never read; files that do not decode are left out with a warning."""
+    folder = Path(cache_dir) if cache_dir is not None else home
+    if cache_dir is None and unwritable(home):
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan-papers"
+        print(f"note: {home} is not writable, so the decoded images are cached in {folder} (--cache-dir chooses "
+              f"another folder)", file=sys.stderr)
     prefix = f".decoded-{image_size}px-{digest([what])}-"
     recipe = f"{dataset.transform}, Pillow {PIL.__version__}, torchvision {torchvision.__version__}"
     stem = folder / (prefix + digest([identity, str(image_size), recipe]))
     if open_cache(stem) is None:
-        decode_into(what, dataset, stem, image_size, strict)
+        decode_into(what, dataset, stem, image_size)
         for stale in folder.glob(prefix + "*"):  # caches of earlier versions of the same files
             if not stale.name.startswith(stem.name + "."):
                 stale.unlink(missing_ok=True)
@@ -1206,23 +1039,9 @@ def decode_once(what, home, identity, dataset, image_size, cache_dir, strict):
     images, skipped = cached
     if skipped:
         listed = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        if strict:
-            raise DataError(f"{len(skipped)} image files do not decode (--strict-images): {listed}")
         print(f"warning: left out {len(skipped)} of {len(images) + len(skipped)} image files that do not decode: "
-              f"{listed}; --strict-images makes this an error", file=sys.stderr)
+              f"{listed}", file=sys.stderr)
     return images
-
-
-def cache_folder(home, cache_dir):
-    """--cache-dir; else `home`, beside the data; else, when that is read-only, the user's cache folder."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if unwritable(home) is None:
-        return home
-    fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gan-papers"
-    print(f"note: {home} is not writable, so the decoded images are cached in {fallback} "
-          f"(--cache-dir chooses another folder)", file=sys.stderr)
-    return fallback
 
 
 def open_cache(stem):
@@ -1240,13 +1059,18 @@ def open_cache(stem):
     return images, skipped
 
 
-def decode_into(what, dataset, stem, image_size, strict):
+def ignore_ctrl_c(worker_id):
+    """A decoding process leaves Ctrl-C to the main process, which records how far the decode got."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decode_into(what, dataset, stem, image_size):
     """Decode every image into STEM.u8 and STEM.json, continuing an interrupted decode of STEM.partial."""
     dataset, row = Decodable(dataset), 3 * image_size * image_size
     total = len(dataset)
-    partial, progress_file = Path(f"{stem}.partial"), Path(f"{stem}.progress.json")
+    partial, record = Path(f"{stem}.partial"), Path(f"{stem}.progress.json")
     try:
-        progress = json.loads(progress_file.read_text())
+        progress = json.loads(record.read_text())
         if partial.stat().st_size < progress["rows"] * row:
             raise ValueError("the partial file is shorter than its record")
     except (OSError, ValueError, KeyError, TypeError):
@@ -1260,34 +1084,44 @@ def decode_into(what, dataset, stem, image_size, strict):
             workers = min(DECODE_WORKERS, os.cpu_count() or 1, math.ceil(len(remaining) / DECODE_CHUNK))
             # its own generator: the workers' seeds are not drawn from the training's seeded stream
             loader = torch.utils.data.DataLoader(remaining, batch_size=DECODE_CHUNK, num_workers=workers,
-                                                 collate_fn=stack_decoded, generator=torch.Generator())
-            with tqdm(total=total, initial=progress["done"], unit="img", desc=f"decoding {total} images once") as bar:
+                                                 collate_fn=stack_decoded, generator=torch.Generator(),
+                                                 worker_init_fn=ignore_ctrl_c)
+            bar = tqdm(total=total, initial=progress["done"], unit="img", desc=f"decoding {total} images once")
+            try:
                 for chunk, (images, problems, count) in enumerate(loader, 1):
-                    if problems and strict:
-                        raise DataError(f"{problems[0]} does not decode; without --strict-images it would be "
-                                        f"left out with a warning")
                     if images is not None:
                         file.write(images.contiguous().numpy().data)
                     progress = {"done": progress["done"] + count, "rows": progress["rows"] + count - len(problems),
                                 "skipped": progress["skipped"] + problems}
                     bar.update(count)
-                    if chunk % SAVE_EVERY == 0:  # what was written is on disk before the record says so
-                        file.flush()
-                        os.fsync(file.fileno())
-                        write_atomically(progress_file, json.dumps(progress).encode())
+                    if chunk % SAVE_EVERY == 0:
+                        save_progress(file, record, progress)
+            except (KeyboardInterrupt, RuntimeError) as stop:  # Ctrl-C, or a decoding process died
+                bar.close()
+                save_progress(file, record, progress)
+                where = f"after {progress['done']} of {total} images; the next start continues from there"
+                if isinstance(stop, KeyboardInterrupt):
+                    fail(f"decoding {what} stopped by Ctrl-C {where}", code=130)
+                raise DataError(f"decoding {what} stopped ({reason(stop)}) {where}") from None
+            bar.close()
         if progress["rows"] == 0:
             raise DataError(f"none of the {total} images of {what} decode; the first: {progress['skipped'][0]}")
         meta = {"source": what, "shape": [progress["rows"], 3, image_size, image_size], "skipped": progress["skipped"]}
         write_atomically(Path(f"{stem}.json"), json.dumps(meta, indent=1).encode())
         os.replace(partial, f"{stem}.u8")  # from here on the cache is whole
-        progress_file.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
     except OSError as error:  # a full disk or an unwritable folder: nothing half-written stays behind
-        for path in (partial, progress_file):
+        for path in (partial, record):
             path.unlink(missing_ok=True)
         raise DataError(f"cannot write the decoded images to {partial} ({reason(error)}); free space there, "
                         f"or choose another folder with --cache-dir") from None
-    except RuntimeError as error:  # a decoding process died
-        raise DataError(f"decoding {what} stopped ({reason(error)}); run again to continue") from None
+
+
+def save_progress(file, record, progress):
+    """What was written is on disk before the record says so."""
+    file.flush()
+    os.fsync(file.fileno())
+    write_atomically(record, json.dumps(progress).encode())
 
 
 # ---- where the decoded set is kept, and the batches ----
@@ -1311,15 +1145,13 @@ def choose_place(size, data_on, device):
     if data_on != "auto":
         return data_on, f"--data-on {data_on}"
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_available()
-    if free is None:
-        return "device", f"auto: the {size_text(size)} set; the free memory on {device} is not known"
-    if size <= ROOMY * free:
-        return "device", f"auto: the {size_text(size)} set fits in half of the {size_text(free)} free on {device}"
+    if free is None or size <= ROOMY * free:
+        return "device", f"auto: the {size_text(size)} set fits in half of the free memory on {device}"
     too_big = f"auto: the {size_text(size)} set needs more than half of the {size_text(free)} free on {device}"
     host = host_memory_available() if device.type == "cuda" else None
     if device.type == "cuda" and (host is None or size <= ROOMY * host):
         return "host", too_big + "; it fits in host memory"
-    return "disk", too_big + (f" and of the {size_text(host)} of host memory" if host is not None else "")
+    return "disk", too_big + ("" if device.type == "cuda" else " (host memory)")
 
 
 def keep(images, place, device):
@@ -1331,41 +1163,25 @@ def keep(images, place, device):
             return kept.clone() if kept is images and mapped else kept
         if place == "host":
             return images.clone() if mapped else images
-        return images if mapped else spill_to_disk(images)
+        if mapped:
+            return images
+        with tempfile.NamedTemporaryFile(prefix="decoded-", suffix=".u8") as file:  # deleted; the mapping stays
+            images.numpy().tofile(file)
+            file.flush()
+            spilled = torch.from_file(file.name, shared=False, size=images.numel(), dtype=torch.uint8)
+        spilled = spilled.view(images.shape)
+        spilled.mapped_from = "a temporary file"
+        return spilled
     except (RuntimeError, OSError) as error:  # out of device or host memory, or of disk space
         raise DataError(f"--data-on {place}: the {size_text(images.numel())} data set does not fit there "
                         f"({reason(error)}); try --data-on auto or disk") from None
 
 
-def spill_to_disk(images):
-    """A set decoded in memory, moved to a temporary file and mapped from there (--data-on disk)."""
-    with tempfile.NamedTemporaryFile(prefix="decoded-", suffix=".u8", delete=False) as file:
-        try:
-            for start in range(0, len(images), DECODE_CHUNK):
-                file.write(images[start:start + DECODE_CHUNK].contiguous().numpy().data)
-        except OSError:
-            os.unlink(file.name)
-            raise
-    try:
-        mapped = torch.from_file(file.name, shared=False, size=images.numel(), dtype=torch.uint8).view(images.shape)
-    finally:
-        os.unlink(file.name)  # the mapping keeps the data until the run ends
-    mapped.mapped_from = "a temporary file"
-    return mapped
-
-
 class Batches:
-    """Endless minibatches of a uint8 image tensor, each turned into the model's input by `scale` on `device`
-    (with `labels`, pairs (x, y)).
-
-    Each epoch visits the data in a new random order, drawn from a generator seeded by (seed, epoch), so a
-    resumed run draws exactly the batches the uninterrupted run would have. The incomplete last batch of an
-    epoch is dropped. `data_on` says where the uint8 set is kept (choose_place): on the device, where each
-    batch is gathered; or in host memory or mapped from a file on disk, where each batch is gathered on the
-    host in the same order, one batch ahead in a background thread, and copied to the device (from pinned
-    memory, without blocking the host, with CUDA). Every place gives the same batches; `placement` says which
-    was chosen and why.
-    """
+    """Endless minibatches of a uint8 image set, made the model's input by `scale` on `device` (with `labels`,
+    pairs (x, y)). Epoch e's order is drawn from a generator seeded by (seed, e), so a resume draws the same
+    batches; an epoch's incomplete last batch is dropped. The set is kept where choose_place says: on the device,
+    or in host memory or on disk, gathered a batch ahead in a thread and copied (pinned, with CUDA)."""
 
     def __init__(self, images, batch_size, device, seed, scale, data_on="device", labels=None):
         if not 0 < batch_size <= len(images):
@@ -1381,8 +1197,8 @@ class Batches:
         self.batch_size, self.seed, self.scale = batch_size, seed, scale
         self.per_epoch = len(images) // batch_size
         self.epoch, self.index = 0, 0
-        self.orders = {}
-        self.ahead, self.gatherer = None, None
+        self.orders, self.ahead = {}, None
+        self.gatherer = ThreadPoolExecutor(max_workers=1) if self.place != "device" else None
 
     def __next__(self):
         if self.index == self.per_epoch:
@@ -1397,16 +1213,12 @@ class Batches:
         """The indices of batch `index` of `epoch`: a slice of that epoch's permutation."""
         if epoch not in self.orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.images), generator=generator).to(self.images.device)
             self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
-            self.orders[epoch] = order
+            self.orders[epoch] = torch.randperm(len(self.images), generator=generator).to(self.images.device)
         return self.orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
 
     def fetched(self, position):
-        """Batch `position` gathered on the host (in a background thread, one batch ahead) and copied to the
-        device; with CUDA from pinned memory, without blocking the host."""
-        if self.gatherer is None:
-            self.gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        """Batch `position`, gathered on the host while the step before it ran, and sent to the device."""
         if self.ahead is not None and self.ahead[0] == position:
             batch = self.ahead[1].result()
         else:

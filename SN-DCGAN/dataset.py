@@ -28,11 +28,11 @@ def to_tanh_range(images):
     return images.float().div_(127.5).sub_(1.0)
 
 
-def load_images(name, root, image_size, cache_dir=None, strict=False, download=True):
+def load_images(name, root, image_size, cache_dir=None, download=True):
     """The training set of `name` as a uint8 tensor (N, C, image_size, image_size), decoded once."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    return support.load_images(name, root, image_size, prepare(image_size), cache_dir, strict, (), download)
+    return support.load_images(name, root, image_size, prepare(image_size), cache_dir, (), download)
 
 
 def batches(images, batch_size, device, seed, data_on="auto"):

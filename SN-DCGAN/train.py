@@ -136,8 +136,7 @@ def main(argv=None):
 
 def training_images(args):
     """The training set as a uint8 tensor (N, C, H, W), decoded once (see dataset.py)."""
-    return load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir,
-                       strict=args.strict_images)
+    return load_images(args.dataset, args.data_root, args.image_size, cache_dir=args.cache_dir)
 
 
 def build_parser():

@@ -153,7 +153,7 @@ def test_sampling_changes_no_batch_norm_buffer_and_is_deterministic(folder):
 
 
 # Flags that name files or folders (their faults are in test_faults.py), and integer flags for which 0 means off.
-PATH_FLAGS = {"data_root", "out", "resume", "evaluate", "cache_dir", "inception_weights", "lsun_classes"}
+PATH_FLAGS = {"data_root", "out", "resume", "evaluate", "cache_dir", "lsun_classes"}
 ZERO_MEANS_OFF = {"select_every", "seed"}
 
 

@@ -174,13 +174,15 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(support, "SAVE_EVERY", 1)
 
 
-def test_an_interrupted_decode_resumes_and_is_never_read_half_done(tmp_path, monkeypatch, small_chunks):
+def test_an_interrupted_decode_resumes_and_is_never_read_half_done(tmp_path, monkeypatch, small_chunks, capsys):
     folder = make_images(tmp_path / "images", 40)
     truth = data.load_images("folder", folder, 16, cache_dir=tmp_path / "fresh")
     cache = tmp_path / "cache"
     failing_writes(monkeypatch, support, ".partial", 3, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, and exit code 130
         data.load_images("folder", folder, 16, cache_dir=cache)
+    assert stopped.value.code == 130
+    assert "stopped by Ctrl-C after 8 of 40 images; the next start continues" in capsys.readouterr().err
     names = cache_files(cache)
     assert not any(name.endswith((".u8", ".json")) and "progress" not in name for name in names), names
     progress = json.loads(next(cache.glob("*.progress.json")).read_text())
@@ -227,25 +229,20 @@ def bad_folder(tmp_path):
     return folder
 
 
-def test_unreadable_images_are_named_and_left_out_or_stop_with_strict(tmp_path, capsys):
+def test_unreadable_images_are_named_and_left_out(tmp_path, capsys):
     folder = bad_folder(tmp_path)
-    with pytest.raises(data.DataError, match=r"cut\.png .*--strict-images"):
-        data.load_images("folder", folder, 16, strict=True)
-    images = data.load_images("folder", folder, 16)
-    assert torch.equal(images, expected(sorted(folder.glob("0*.png")), 16))
-    warning = capsys.readouterr().err
-    assert "left out 2 of 14 image files" in warning and "cut.png" in warning and "notes.png" in warning
-    assert "Traceback" not in warning
-    with pytest.raises(data.DataError, match=r"2 image files do not decode .*cut\.png"):
-        data.load_images("folder", folder, 16, strict=True)  # the cache remembers what it left out
+    for attempt in ("decoded", "cached"):  # the cache remembers what it left out
+        images = data.load_images("folder", folder, 16)
+        assert torch.equal(images, expected(sorted(folder.glob("0*.png")), 16))
+        warning = capsys.readouterr().err
+        assert "left out 2 of 14 image files" in warning and "cut.png" in warning and "notes.png" in warning
+        assert "Traceback" not in warning
 
 
 def test_unreadable_images_end_to_end(tmp_path, capsys):
     folder = bad_folder(tmp_path)
     before = sorted(folder.iterdir())
     common = ["--dataset", "folder", "--data-root", folder, "--cache-dir", tmp_path / "cache", "--max-steps", 1]
-    err = exits_2(capsys, dcgan.train, *QUICK["DCGAN"], *common, "--strict-images", "--out", tmp_path / "strict")
-    assert "cut.png" in err and "--strict-images" in err
     assert run_main(dcgan.train, *QUICK["DCGAN"], *common, "--data-on", "disk", "--out", tmp_path / "lenient") == 0
     out, err = capsys.readouterr()
     assert "left out 2 of 14" in err and "notes.png" in err and f"data mapped from {tmp_path / 'cache'}" in out

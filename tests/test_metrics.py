@@ -89,8 +89,8 @@ class Replay(nn.Module):
 def test_fid_of_the_training_set_against_itself_is_zero_and_against_noise_large(tiny_mnist_root):
     gan = load_folder("DCGAN")
     args = argparse.Namespace(dataset="mnist", data_root=str(tiny_mnist_root), image_size=32, eval_real="train",
-                              z_dim=100, seed=0, feature_extractor=EXTRACTOR, inception_weights=None,
-                              cache_dir=None, strict_images=False, lsun_classes=["bedroom_train"])
+                              z_dim=100, seed=0, feature_extractor=EXTRACTOR,
+                              cache_dir=None, lsun_classes=["bedroom_train"])
     real = gan.support.RealSet(args, gan.train.training_images)
     images = real.images
     assert images.dtype == torch.uint8 and images.shape == (600, 1, 32, 32)
@@ -218,7 +218,6 @@ def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_r
     before = snapshot(dcgan_run)
     err = exits_2(capsys, train, "--evaluate", dcgan_run, "--eval-samples", 20)
     assert WEIGHTS_FILE in err and str(tmp_path / "empty" / "hub" / "checkpoints") in err
-    assert "--inception-weights" in err
     assert not (tmp_path / "empty" / "hub" / "checkpoints" / WEIGHTS_FILE).exists()
     assert snapshot(dcgan_run) == before
 
@@ -227,10 +226,10 @@ def test_missing_inception_weights_exit_2_naming_the_file_and_the_folder(dcgan_r
                                    "--eval-every", 1, "--out", tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
-    # a local weights file that is not one
-    (tmp_path / "bad.pth").write_bytes(b"not a state dict")
-    assert f"--inception-weights {tmp_path / 'bad.pth'}" in exits_2(
-        capsys, train, "--evaluate", dcgan_run, "--eval-samples", 20, "--inception-weights", tmp_path / "bad.pth")
+    # a damaged weights file in torch's folder
+    (tmp_path / "empty" / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "empty" / "hub" / "checkpoints" / WEIGHTS_FILE).write_bytes(b"not a state dict")
+    assert "delete a damaged copy" in exits_2(capsys, train, "--evaluate", dcgan_run, "--eval-samples", 20)
     assert snapshot(dcgan_run) == before
 
 
@@ -241,7 +240,6 @@ def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny
         (["--evaluate", dcgan_run, "--eval-samples", 0], "--eval-samples"),
         (["--evaluate", dcgan_run, "--lr", 0.1], "--lr cannot change"),
         (["--evaluate", dcgan_run, "--feature-extractor", "nosuch"], "nosuch"),
-        (["--evaluate", dcgan_run, "--inception-weights", tmp_path / "nothing.pth"], "nothing.pth"),
         (["--evaluate", dcgan_run, "--resume", dcgan_run], "not both"),
     ]
     for args, words in cases:

@@ -13,8 +13,8 @@ folders = {name: load_folder(name) for name in CONVOLUTIONAL}
 # command line); the evaluation protocols' defaults are tested in test_metrics.py and test_table1.py.
 RUN_FLAGS = {"help", "data_root", "max_steps", "device", "seed", "out", "resume", "sample_every", "log_every",
              "checkpoint_every", "evaluate", "eval_every", "precision", "compile", "data_on", "cache_dir",
-             "strict_images", "eval_samples", "eval_every_samples", "eval_real", "feature_extractor",
-             "inception_weights", "evaluate_at_end", "channels_last"}
+             "eval_samples", "eval_every_samples", "eval_real", "feature_extractor",
+             "evaluate_at_end", "channels_last"}
 
 # Every hyperparameter flag's default; the flag's help names its source (the paper; the official code where the
 # paper is silent), and the test below sees that it does.
