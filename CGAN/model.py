@@ -156,10 +156,10 @@ def main(argv=None):
         per_row = math.ceil(math.sqrt(args.num or 64))
         z = sample_z(args.num or 64, run["z_dim"], args.device)
         labels = torch.full((len(z),), args.digit, device=args.device)
-    images = sample(G.to(args.device), z, labels, args.sampling_dropout)
-    support.write_images(images, args.out, args.single, per_row,
-                         names=[f"{i:05d}_digit{label}.png" for i, label in enumerate(labels.tolist())])
-    print(f"wrote {len(images)} samples of step {checkpoint['step']} to {args.out}")
+    G = G.to(args.device)
+    support.write_images(lambda z, labels: sample(G, z, labels, args.sampling_dropout), (z, labels), args.out,
+                         args.single, per_row, names=[f"{i:05d}_digit{y}.png" for i, y in enumerate(labels.tolist())])
+    print(f"wrote {len(z)} samples of step {checkpoint['step']} to {args.out}")
 
 
 if __name__ == "__main__":

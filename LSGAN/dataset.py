@@ -10,6 +10,9 @@ own 32x32; MNIST, Fashion-MNIST, CelebA, LSUN and any image folder are one flag 
 support.py decodes each set once into a uint8 tensor, caches image files on disk, keeps the
 set where it fits and feeds the batches.
 """
+import math
+
+import torch
 from torchvision.transforms import v2
 
 import support
@@ -43,3 +46,21 @@ def load_images(name, root, image_size, cache_dir=None, lsun_classes=LSUN_CLASSE
 def batches(images, batch_size, device, seed, data_on="auto"):
     """Endless minibatches in [-1, 1], a fresh permutation each epoch, resumable exactly (support.Batches)."""
     return support.Batches(images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+
+
+# §4's stability comparison on a Gaussian mixture: 8 two-dimensional Gaussians, their centres evenly spaced on a
+# circle of radius 2, each with standard deviation 0.02 (the paper shows the layout; the numbers are this folder's)
+MIXTURE_RADIUS, MIXTURE_STD = 2.0, 0.02
+
+
+def mixture_centres(modes=8):
+    """The centres (modes, 2): evenly spaced on the circle of radius MIXTURE_RADIUS."""
+    angles = torch.arange(modes) * 2 * math.pi / modes
+    return MIXTURE_RADIUS * torch.stack([angles.cos(), angles.sin()], 1)
+
+
+def sample_mixture(n, generator):
+    """n points of the mixture, drawn fresh from `generator`: a mode picked uniformly, plus its Gaussian noise."""
+    centres = mixture_centres()
+    return centres[torch.randint(len(centres), (n,), generator=generator)] + MIXTURE_STD * torch.randn(
+        n, 2, generator=generator)

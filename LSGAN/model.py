@@ -141,8 +141,9 @@ def main(argv=None):
     G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
     support.load_weights(parser, G, checkpoint["G"], args.run)
     torch.manual_seed(args.seed)
-    images = sample(G.to(args.device), sample_z(num, run["z_dim"], args.device)).add(1).div(2)
-    support.write_images(images, args.out, args.single, nrow=math.ceil(math.sqrt(num)))
+    G = G.to(args.device)
+    z = sample_z(num, run["z_dim"], args.device)
+    support.write_images(lambda z: sample(G, z).add(1).div(2), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
     print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
 
 

@@ -7,6 +7,9 @@ and resized. --dataset lsun is not offered in this folder. support.py decodes ea
 into a uint8 tensor, caches image files on disk, keeps the set where it fits and feeds the
 batches.
 """
+import math
+
+import torch
 from torchvision.transforms import v2
 
 import support
@@ -37,3 +40,34 @@ def load_images(name, root, image_size, cache_dir=None, download=True):
 def batches(images, batch_size, device, seed, data_on="auto"):
     """Endless minibatches in [-1, 1], a fresh permutation each epoch, resumable exactly (support.Batches)."""
     return support.Batches(images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+
+
+# The 2-D toy sets of §3 and Figure 1 (official code: gan_toy.py), each scaled to about unit standard deviation.
+TOY_SETS = ("8gaussians", "25gaussians", "swissroll")
+
+
+def toy_modes(name):
+    """(mode centres (k, 2), standard deviation of each mode) after scaling; None for the Swiss roll."""
+    if name == "8gaussians":
+        # gan_toy.py: scale 2 times the 8 unit vectors at multiples of 45 degrees, std 0.02, all divided by 1.414
+        angles = torch.arange(8) * math.pi / 4
+        return 2 * torch.stack([angles.cos(), angles.sin()], 1) / 1.414, 0.02 / 1.414
+    if name == "25gaussians":
+        # gan_toy.py: a 5 x 5 grid at 2 * (-2, ..., 2), std 0.05, all divided by 2.828
+        grid = 2 * torch.arange(-2, 3.0)
+        return torch.cartesian_prod(grid, grid) / 2.828, 0.05 / 2.828
+    return None
+
+
+def sample_toy(name, n, generator):
+    """n points of a toy set, drawn fresh from `generator` (gan_toy.py draws a new batch every step)."""
+    if name == "swissroll":
+        # gan_toy.py: sklearn's make_swiss_roll(noise=0.25), coordinates (x, z), divided by 7.5:
+        # t = 1.5 pi (1 + 2u), (x, z) = (t cos t, t sin t) plus N(0, 0.25^2) noise on each
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+        roll = torch.stack([t * t.cos(), t * t.sin()], 1) + 0.25 * torch.randn(n, 2, generator=generator)
+        return roll / 7.5
+    centres, std = toy_modes(name)
+    # a mode picked uniformly for each point (random.choice in gan_toy.py), plus its Gaussian noise
+    picked = torch.randint(len(centres), (n,), generator=generator)
+    return centres[picked] + std * torch.randn(n, 2, generator=generator)

@@ -8,6 +8,7 @@ command; IS, FID and KID; MNIST's files; decoding and caching images; where the 
 import argparse
 import contextlib
 import errno
+import fcntl
 import gzip
 import hashlib
 import io
@@ -18,6 +19,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 DATA_ROOT = HERE.parent / "data"  # data sets live beside the folders, shared by all of them
 FORMAT = 1  # the layout of the checkpoints train.py writes; a reader refuses any other
 GIF_FRAMES = 100  # progress.gif shows at most this many of the fixed-noise grids
+GRID_MOST = 2500  # model.py: images in one grid at most (50 x 50)
+SAMPLE_CHUNK = 500  # model.py --single: images generated and written at a time, so memory stays flat
 
 
 # ---- one-line errors and flags ----
@@ -201,6 +205,7 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
     """The run's configuration and, with --resume or --evaluate, the checkpoint it continues or scores. A run
     keeps its own configuration: only RESUMABLE | `resumable` (EVALUABLE | `evaluable`) may be given anew.
     `check(parser, args)` checks the paper's flags."""
+    argv = expand_home(argv)
     args = parser.parse_args(argv)
     checkpoint = None
     evaluate = getattr(args, "evaluate", None)
@@ -231,6 +236,15 @@ def parse_args(parser, argv, folder, check, resumable=(), evaluable=()):
         parser.error(f"--out {args.out}: {unwritable(args.out)}")
     check(parser, args)
     return args, checkpoint
+
+
+def expand_home(argv):
+    """`~` at the start of a value, also after `=` where the shell leaves it (--data-root=~/data)."""
+    expanded = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        name, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        expanded.append(name + equals + os.path.expanduser(value) if equals or not name else arg)
+    return expanded
 
 
 def explicit_flags(parser, argv):
@@ -342,7 +356,8 @@ class Run:
         self.args, self.nets, self.optimizers, self.batches, self.fixed_z = args, nets, optimizers, batches, fixed_z
         self.total, self.grid, self.metric, self.eval_every = total, grid, metric, eval_every
         self.folder, self.higher_is_better = folder, higher_is_better
-        self.out = Path(args.out or HERE / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        self.out = Path(args.out) if args.out else new_run_folder(HERE / "runs")
+        self.lock = hold(self.out)
         self.step, self.best = 0, None
         if checkpoint is not None:
             self.restore(checkpoint)
@@ -351,6 +366,9 @@ class Run:
                      f"to go on, give a larger --max-steps or a longer training length")
         elif (self.out / "checkpoints" / "last.pt").exists():
             fail(f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another --out")
+        elif any((self.out / "samples").glob("*.png")) or any(self.out.glob("events.out.tfevents.*")):
+            fail(f"{self.out} holds the grids and logs of a run that stopped before its first checkpoint; to start "
+                 f"over there, delete the folder (rm -r {self.out}), or choose another --out")
         for folder in (self.out / "samples", self.out / "checkpoints"):
             with writing(folder):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -362,6 +380,7 @@ class Run:
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
         speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last, compiled)
+        threading.excepthook = quiet_full_disk
         # Ctrl-C or SIGTERM: finish the step, write the checkpoint, stop (see stop); a second Ctrl-C quits at once
         self.stopped_by = None
         signal.signal(signal.SIGINT, self.stop)
@@ -498,6 +517,46 @@ class Run:
         return 0
 
 
+def new_run_folder(runs):
+    """runs/<date-time>, created now; -2, -3, ... after it when another run started in the same second."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for n in range(1, 1000):
+        folder = runs / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as error:
+            fail(f"cannot create a run folder in {runs}: {reason(error)}")
+    fail(f"{runs} already holds 999 runs started at {stamp}")
+
+
+def quiet_full_disk(hook):
+    """The event writer's thread dies on a full disk without a word: the next write reports it (see writing)."""
+    if not issubclass(hook.exc_type, OSError):
+        threading.__excepthook__(hook)
+
+
+def hold(folder):
+    """The run folder's lock, held until this process ends (the operating system lets go even after kill -9):
+    a second run in the same folder is refused, naming the process that holds it."""
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        lock.seek(0)
+        fail(f"{folder} is in use by a running train.py (process {lock.read().strip() or 'unknown'}); wait for it to "
+             f"end, or choose another --out")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 # ---- model.py's sampling command ----
 
 def sampling_parser(description, num_help):
@@ -516,7 +575,7 @@ def sampling_parser(description, num_help):
 
 def read_sampling_flags(parser, argv, folder):
     """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_home(argv))
     require_at_least(parser, args, 1, "num")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
@@ -544,17 +603,22 @@ def load_weights(parser, net, weights, what):
     return net
 
 
-def write_images(images, out, single, nrow, names=None):
-    """Images in [0, 1] as one grid PNG, or with `single` one PNG per image (00000.png, ... unless `names`)."""
-    out = Path(out)
-    with writing(out):
-        if single:
-            out.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images):
+def write_images(generate, inputs, out, single, nrow, names=None):
+    """G's images for `inputs` (tensors split along their first dimension, generate(*chunk) -> images in [0, 1])
+    as one grid PNG, or with `single` one PNG each (00000.png, ... unless `names`), SAMPLE_CHUNK at a time."""
+    out, num = Path(out), len(inputs[0])
+    if not single and num > GRID_MOST:
+        fail(f"--num {num}: a grid of that many images is a picture no one can look at (at most {GRID_MOST}); "
+             f"--single writes any number of images one by one")
+    with writing(out), torch.no_grad():
+        (out if single else out.parent).mkdir(parents=True, exist_ok=True)
+        if not single:
+            return vutils.save_image(generate(*inputs), out, nrow=nrow, padding=2)
+        start = 0
+        for chunk in zip(*(tensor.split(SAMPLE_CHUNK) for tensor in inputs)):
+            for i, image in enumerate(generate(*chunk), start):
                 vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            vutils.save_image(images, out, nrow=nrow, padding=2)
+            start += len(chunk[0])
 
 
 # ---- IS, FID and KID through torch-fidelity ----
@@ -564,8 +628,7 @@ ISC_SPLITS = 10  # Salimans et al. 2016 (official code, inception_score.py): the
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018 (torch-fidelity's defaults): 100 subsets of 1000
 EVAL_BATCH = 64  # images per forward pass of G and of the feature extractor (torch-fidelity's default)
 METRIC_EVALUABLE = {"eval_samples", "eval_real", "feature_extractor"}
-TEST_SPLITS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-               "cifar10": torchvision.datasets.CIFAR10}  # the data sets that --eval-real test can use
+TEST_SPLITS = ("mnist", "fashion-mnist", "cifar10")  # the data sets that --eval-real test can use
 
 
 def fidelity():
@@ -637,9 +700,11 @@ class RealSet(torch.utils.data.Dataset):
         try:
             if args.eval_real == "train":
                 self.images = torch.as_tensor(training_images(args))
+            elif args.dataset in MNIST_CLASSES:  # read where it is: a read-only folder is fine
+                self.images = resize(read_mnist(args.dataset, Path(args.data_root), False)[0][:, None], args.image_size)
             else:
-                data = torch.as_tensor(TEST_SPLITS[args.dataset](args.data_root, train=False, download=True).data)
-                self.images = resize(data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2), args.image_size)
+                data = torch.as_tensor(torchvision.datasets.CIFAR10(args.data_root, train=False, download=True).data)
+                self.images = resize(data.permute(0, 3, 1, 2).contiguous(), args.image_size)
         except DataError as error:
             fail(error)
         except Exception as error:  # missing or corrupt files, or a failed download
@@ -1240,3 +1305,75 @@ class Batches:
             self.ahead[1].result()  # let the batch on its way land before it is dropped
             self.ahead = None
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+# ---- 2-D toy sets: measures and plots ----
+
+class Sampled:
+    """Endless batches draw(n, generator) of a set given by its sampler (the 2-D toy sets), fresh every step, from
+    a generator seeded by `seed` whose state is in the checkpoint: a resume draws the same batches."""
+
+    def __init__(self, draw, batch_size, device, seed):
+        self.draw, self.batch_size, self.device = draw, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __next__(self):
+        return self.draw(self.batch_size, self.generator).to(self.device)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def mode_measures(samples, centres, std):
+    """(modes covered, share of high-quality samples): a sample is of high quality within 3 standard deviations of
+    its nearest mode centre; a mode is covered when it is the nearest centre of at least one such sample."""
+    distance, nearest = torch.cdist(samples.float().cpu(), centres.float()).min(1)
+    good = distance <= 3 * std
+    return len(nearest[good].unique()), good.float().mean().item()
+
+
+def nearest_real_distance(samples, real):
+    """The mean distance from each sample to its nearest point of `real`."""
+    return torch.cdist(samples.float().cpu(), real.float().cpu()).min(1).values.mean().item()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures go to files, never to a screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_plane(ax, real=None, fake=None, surface=None, density=None, extent=3.0, n=128):
+    """One panel of the plane [-extent, extent]^2: the value surface of surface(points) as contours, a Gaussian
+    KDE (Scott's bandwidth) of the samples `density`, real points (orange) and G's samples (green)."""
+    xs = torch.linspace(-extent, extent, n)
+    points = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)
+    if surface is not None:
+        ax.contourf(xs, xs, surface(points).detach().cpu().reshape(n, n), levels=20, cmap="viridis")
+    if density is not None:
+        density = density.float().cpu()
+        h = density.std(0).mean() * len(density) ** (-1 / 6)
+        ax.contourf(xs, xs, torch.exp(-torch.cdist(points, density).pow(2) / (2 * h * h)).mean(1).reshape(n, n),
+                    levels=20, cmap="Greens")
+    for points, colour in ((real, "orange"), (fake, "green")):
+        if points is not None:
+            ax.scatter(*points.detach().cpu().T, c=colour, marker="+", s=6, linewidths=0.5)
+    ax.set(xlim=(-extent, extent), ylim=(-extent, extent), aspect="equal", xticks=[], yticks=[])
+
+
+def save_figure(fig, path=None):
+    """A figure into `path` (PNG); returned as a (3, H, W) tensor in [0, 1] (a sample grid) when no path is given."""
+    plt = pyplot()
+    if path is None:
+        fig.canvas.draw()
+        image = torch.from_numpy(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()).permute(2, 0, 1)
+        plt.close(fig)
+        return image.float() / 255
+    with writing(path):
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

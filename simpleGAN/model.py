@@ -122,8 +122,9 @@ def main(argv=None):
     G = Generator(run["z_dim"], run["g_width"])
     support.load_weights(parser, G, checkpoint["G"], args.run)
     torch.manual_seed(args.seed)
-    images = sample(G.to(args.device), sample_z(num, run["z_dim"], args.device))
-    support.write_images(images, args.out, args.single, nrow=math.ceil(math.sqrt(num)))
+    G = G.to(args.device)
+    z = sample_z(num, run["z_dim"], args.device)
+    support.write_images(lambda z: sample(G, z), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
     print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
 
 
