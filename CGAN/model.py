@@ -10,7 +10,6 @@ their initialisation, and sampling from a checkpoint.
 y ... by feeding y into both the discriminator and generator as additional input layer".
 Here y is the class label of an MNIST digit, one-hot in 10 dimensions (§4.1).
 """
-import math
 import sys
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import support
+from dataset import load_labelled, split_validation
 
 FOLDER = "CGAN"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -145,21 +145,24 @@ def main(argv=None):
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
     run = checkpoint["args"]
-    G = Generator(run["z_dim"], CLASSES, run["image_size"], run["dropout"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    G = support.load_weights(parser, Generator(run["z_dim"], CLASSES, run["image_size"], run["dropout"]),
+                             checkpoint["G"], args.run).to(args.device)
     # z and G's dropout masks both come from --seed
     torch.manual_seed(args.seed)
+    draw = (lambda z, labels: sample(G, z, labels, args.sampling_dropout))
+    draw_z = (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        # row r holds digit r mod 10; the training set is the run's, without its validation split
+        return support.inspect(args, checkpoint, draw, draw_z, lambda root: split_validation(*load_labelled(
+            run["dataset"], root, run["image_size"], download=False), run["valid_size"])[0][0],
+                               labels=lambda rows: rows % CLASSES)
     if args.digit is None:
-        per_row = args.num or 10
-        z, labels = grid_inputs(per_row, run["z_dim"], args.device)
+        z, labels = grid_inputs(args.num or 10, run["z_dim"], args.device)
     else:
-        per_row = math.ceil(math.sqrt(args.num or 64))
-        z = sample_z(args.num or 64, run["z_dim"], args.device)
-        labels = torch.full((len(z),), args.digit, device=args.device)
-    G = G.to(args.device)
-    support.write_images(lambda z, labels: sample(G, z, labels, args.sampling_dropout), (z, labels), args.out,
-                         args.single, per_row, names=[f"{i:05d}_digit{y}.png" for i, y in enumerate(labels.tolist())])
-    print(f"wrote {len(z)} samples of step {checkpoint['step']} to {args.out}")
+        z, labels = draw_z(args.num or 64), torch.full((args.num or 64,), args.digit, device=args.device)
+    per_row = len(z) // CLASSES if args.digit is None else None  # one row per digit, or a square grid
+    support.write_images(draw, (z, labels), args.out, args.single, per_row, step=checkpoint["step"],
+                         names=[f"{i:05d}_digit{y}.png" for i, y in enumerate(labels.tolist())])
 
 
 if __name__ == "__main__":

@@ -175,7 +175,8 @@ def main(argv=None):
                       total=args.epochs * data.per_epoch,
                       title=f"CGAN on {args.dataset} ({len(train_images)} training images, {args.valid_size} kept "
                             f"for validation, {args.image_size}x{args.image_size}, {data.per_epoch} steps per epoch)",
-                      grid=grid, folder=FOLDER, metric=validation_metric, eval_every=args.select_every * data.per_epoch)
+                      grid=grid, folder=FOLDER, metric=validation_metric, eval_every=args.select_every * data.per_epoch,
+                      d_wins=support.Separated(real=("D/real", 1), fake=("D/fake", 0)))
 
     while run.running():
         # a minibatch of m examples x with their labels, and §4.1's one-hot y

@@ -8,6 +8,8 @@ by itself, resized to the 64x64 of Fig. 1; MNIST, Fashion-MNIST, CelebA, LSUN an
 image folder are one flag away. support.py decodes each set once into a uint8 tensor,
 caches image files on disk, keeps the set where it fits and feeds the batches.
 """
+import torch
+import torchvision
 from torchvision.transforms import v2
 
 import support
@@ -17,6 +19,7 @@ DATASETS = ("cifar10", "mnist", "fashion-mnist", "celeba", "folder", "lsun")
 CHANNELS = support.CHANNELS
 # §4.1: the LSUN bedrooms, about 3 million images
 LSUN_CLASSES = ("bedroom_train",)
+LABELLED = support.TEST_SPLITS  # §5.1: the sets with labels and a test split here, for train.py --evaluate-features
 
 
 def prepare(image_size):
@@ -40,3 +43,18 @@ def load_images(name, root, image_size, cache_dir=None, lsun_classes=LSUN_CLASSE
 def batches(images, batch_size, device, seed, data_on="auto"):
     """Endless minibatches in [-1, 1], a fresh permutation each epoch, resumable exactly (support.Batches)."""
     return support.Batches(images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+
+
+def labelled_split(name, root, image_size, train=True):
+    """§5.1: the training (or test) split of a labelled set as uint8 images (N, C, image_size, image_size) and
+    their labels (N,), prepared as load_images prepares the training set."""
+    if name in support.MNIST_CLASSES:
+        images, labels = support.read_mnist(name, root, train)
+        return support.resize(images[:, None], image_size), labels
+    try:
+        with support.no_new_folders_on_failure(root):
+            data = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except Exception as error:  # missing or corrupt files, or a failed download
+        raise support.missing("cifar10", root, error) from None
+    images = torch.as_tensor(data.data).permute(0, 3, 1, 2).contiguous()
+    return support.resize(images, image_size), torch.as_tensor(data.targets)

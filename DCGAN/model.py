@@ -4,6 +4,7 @@ their initialisation (§4), and sampling from a checkpoint.
     python model.py runs/RUN --num 64 --out grid.png      # one grid
     python model.py runs/RUN --num 500 --out samples/ --single   # 500 PNG files
     python model.py runs/RUN --checkpoint best            # the best FID of --eval-every
+    python model.py runs/RUN --interpolate                # Fig. 4: walks along the line between two z
 
 The §3 guidelines, each visible below: strided convolutions instead of pooling,
 batch norm in both networks except G's output and D's input layer, no hidden
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import support
+from dataset import load_images
 
 FOLDER = "DCGAN"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -117,17 +119,17 @@ def sample(G, z):
 
 
 def main(argv=None):
-    parser = support.sampling_parser("Sample images from a DCGAN checkpoint.", num_help="how many images (default: 64)")
+    parser = support.sampling_parser("Sample images from a DCGAN checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num = args.num or 64
-    run = checkpoint["args"]
-    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    num, run = args.num or 64, checkpoint["args"]
+    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
+                             checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    G = G.to(args.device)
-    z = sample_z(num, run["z_dim"], args.device)
-    support.write_images(lambda z: sample(G, z).add(1).div(2), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
-    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
+    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
+            run["dataset"], root, run["image_size"], run["cache_dir"], run["lsun_classes"], download=False))
+    support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ each with Adam(lr 0.0002, beta1 0.5) and z ~ U(-1, 1)^100.
     python train.py                                   # CIFAR-10 at 64x64, the paper's settings
     python train.py --dataset mnist --image-size 32
     python train.py --resume runs/RUN                 # continue a run exactly where it stopped
+    python train.py --evaluate-features runs/RUN      # §5.1: D's features in a linear SVM (features.py)
 """
 import sys
 
@@ -16,11 +17,13 @@ import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
 
+import features
 import support
 from dataset import CHANNELS, DATASETS, LSUN_CLASSES, DataError, batches, load_images
 from model import FOLDER, WIDTH, Z_DIM, Discriminator, Generator, init_weights, sample, sample_z
 
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
+SVM_C = 0.001  # --evaluate-features; §5.1 gives no C: chosen on a validation split (README)
 Z_PRIOR = "uniform_-1_1"  # Fig. 1, z ~ U(-1, 1), as torch-fidelity names the prior of --evaluate's samples
 
 
@@ -50,8 +53,11 @@ def generator_step(G, D, opt_G, z):
 
 
 def main(argv=None):
-    args, checkpoint = support.parse_args(build_parser(), argv, FOLDER, check_args, resumable={"epochs"},
+    parser = build_parser()
+    args, checkpoint = support.parse_args(parser, argv, FOLDER, check_args, resumable={"epochs"},
                                           evaluable=support.METRIC_EVALUABLE)
+    if args.evaluate_features:
+        return features.evaluate(parser, argv, args)
     device = support.pick_device(args)
     support.seed_everything(args.seed)
     args.channels = CHANNELS[args.dataset]
@@ -80,6 +86,8 @@ def main(argv=None):
                             f"{args.channels}, {data.per_epoch} steps per epoch; data {data.placement})",
                       grid=lambda z: vutils.make_grid(sample(G, z), nrow=8, normalize=True, value_range=(-1, 1)),
                       folder=FOLDER, eval_every=args.eval_every, higher_is_better=False,
+                      # D(x) and D(G(z)) are probabilities: D's loss drives them to 1 and 0
+                      d_wins=support.Separated(real=("D/real", 1), fake=("D/fake", 0)),
                       metric=support.TrainingMetrics(lambda z: sample(G, z), args, device, Z_PRIOR, training_images))
 
     while run.running():
@@ -120,13 +128,23 @@ def build_parser():
                         "give each network twice the official code's updates, which alternates them")
     support.add_run_flags(p)
     support.add_metric_flags(p)
+    p.add_argument("--evaluate-features", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="§5.1: test accuracy of a linear L2-SVM on the run's D features (every layer max-pooled to "
+                        "4x4), on a random D's and on pixels; writes them into its metrics.json, and exits")
+    p.add_argument("--svm-train-images", type=int, default=None,
+                   help="training images the SVM of --evaluate-features learns from, drawn with --seed "
+                        "(default: all, as §5.1)")
+    p.add_argument("--svm-c", type=float, default=SVM_C,
+                   help="the SVM's C; §5.1 gives none: chosen on MNIST by accuracy on a validation split of the "
+                        "training set (README)")
     return p
 
 
 def check_args(parser, args):
     """The paper's flags, each inside its domain (support.parse_args checks the run's flags)."""
     support.require_at_least(parser, args, 1, "batch_size", "z_dim", "width", "epochs")
-    support.require_positive(parser, args, "lr")
+    support.require_positive(parser, args, "lr", "svm_c")
+    support.require_at_least(parser, args, 1, "svm_train_images")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         parser.error(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1} and {args.beta2}")
     if not 0 <= args.weight_decay < float("inf"):

@@ -101,6 +101,8 @@ def main(argv=None):
                             f"per epoch; data {data.placement})",
                       grid=lambda z: vutils.make_grid(sample(G, z), nrow=8, normalize=True, value_range=(-1, 1)),
                       folder=FOLDER, eval_every=args.eval_every, higher_is_better=False,
+                      # §3.2: D's loss regresses D(x) to b and D(G(z)) to a
+                      d_wins=support.Separated(real=("D/real", coding[1]), fake=("D/fake", coding[0])),
                       metric=support.TrainingMetrics(lambda z: sample(G, z), args, device, Z_PRIOR, training_images))
 
     while run.running():

@@ -9,9 +9,9 @@ sampling from a checkpoint.
 D: every weight W (a convolution's d_out x d_in x h x w kernel read as a d_out x (d_in h w)
 matrix, §4) is used as W / sigma(W), with sigma(W) estimated by one round of the power
 method per training forward from a persistent vector u (Eq. 20-22). No batch norm in D.
+With spectral=False (train.py --no-sn) D is the same network with plain weights, the baseline of Fig. 3.
 G: the DCGAN-style generator of Table 3, with batch norm, and no spectral normalisation.
 """
-import math
 import sys
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 import support
+from dataset import load_images
 
 FOLDER = "SN-DCGAN"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -53,8 +54,8 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def sn(layer):
-    """Eq. 8: W_SN = W / sigma(W), one power iteration per training forward (Alg. 1, Eq. 20-22).
+def sn(layer, spectral=True):
+    """Eq. 8: W_SN = W / sigma(W), one power iteration per training forward (Alg. 1, Eq. 20-22); or W itself.
 
     u and v are buffers: they persist between forwards (Appendix A's "recycle" of u) and are
     saved with the model. In eval() no power iteration runs and u, v stay as they are.
@@ -62,7 +63,7 @@ def sn(layer):
     it attaches the normalisation start u from the weight that training will use.
     """
     init_weights(layer)
-    return spectral_norm(layer, n_power_iterations=1)
+    return spectral_norm(layer, n_power_iterations=1) if spectral else layer
 
 
 class Generator(nn.Module):
@@ -98,43 +99,46 @@ class Discriminator(nn.Module):
     # Table 3 (b), top to bottom: (kernel, stride, output channels as a multiple of the width 64)
     LAYERS = ((3, 1, 1), (4, 2, 1), (3, 1, 2), (4, 2, 2), (3, 1, 4), (4, 2, 4), (3, 1, 8))
 
-    def __init__(self, image_size=32, channels=3, width=WIDTH):
+    def __init__(self, image_size=32, channels=3, width=WIDTH, spectral=True):
         super().__init__()
         layers, c = [], channels
         for kernel, stride, multiple in self.LAYERS:
             # padding 1: the 3x3 stride-1 convs keep the size, the 4x4 stride-2 convs halve it exactly
-            layers += [sn(nn.Conv2d(c, multiple * width, kernel, stride=stride, padding=1)), nn.LeakyReLU(SLOPE)]
+            layers += [sn(nn.Conv2d(c, multiple * width, kernel, stride, padding=1), spectral), nn.LeakyReLU(SLOPE)]
             c = multiple * width
         self.net = nn.Sequential(*layers)
         # Table 3: dense -> 1, on the flattened M/8 x M/8 x 512 features; normalised like every other layer
-        self.logit = sn(nn.Linear(c * bottom_width(image_size) ** 2, 1))
+        self.logit = sn(nn.Linear(c * bottom_width(image_size) ** 2, 1), spectral)
 
     def forward(self, x):
         return self.logit(self.net(x).flatten(1)).squeeze(1)
 
     def normalized_layers(self):
-        """(name, layer) of the eight spectrally normalised layers, in Table 3's order: conv1..conv7, dense."""
+        """(name, layer) of the eight layers with weights, normalised unless spectral=False: conv1..conv7, dense."""
         convs = [m for m in self.net if isinstance(m, nn.Conv2d)]
         return [*((f"conv{i}", m) for i, m in enumerate(convs, 1)), ("dense", self.logit)]
 
 
 @torch.no_grad()
-def normalized_sigmas(D):
-    """The largest singular value of each normalised weight W / sigma(W) (Appendix C.1, Fig. 9: near 1).
-
-    Read in eval mode, so no power iteration runs and u, v stay untouched: logging never changes training.
-    Exact, and cheaper than an SVD: sigma(W) is the square root of the largest eigenvalue of the
-    smaller of W W^T and W^T W (computed in float64).
-    """
+def singular_values(D):
+    """Each layer's singular values, largest first (Fig. 3), of the weight its forward uses: W / sigma(W), or W with
+    spectral=False; a convolution's W read as d_out x (d_in h w) (§4). Read in eval mode, so no power iteration
+    runs and u, v stay untouched: logging never changes training. Exact, and cheaper than an SVD: the square roots
+    of the eigenvalues of the smaller of W W^T and W^T W (computed in float64)."""
     was_training = D.training
     D.eval()
-    sigmas = {}
+    values = {}
     for name, layer in D.normalized_layers():
         W = layer.weight.flatten(1).double()
         gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
-        sigmas[name] = torch.linalg.eigvalsh(gram)[-1].sqrt()
+        values[name] = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
     D.train(was_training)
-    return sigmas
+    return values
+
+
+def normalized_sigmas(D):
+    """The largest singular value of each layer's weight (Appendix C.1, Fig. 9: near 1 for W / sigma(W))."""
+    return {name: values[0] for name, values in singular_values(D).items()}
 
 
 @torch.no_grad()
@@ -148,18 +152,17 @@ def sample(G, z):
 
 
 def main(argv=None):
-    parser = support.sampling_parser("Sample images from a SN-DCGAN checkpoint.",
-                                     num_help="how many images (default: 64)")
+    parser = support.sampling_parser("Sample images from a SN-DCGAN checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num = args.num or 64
-    run = checkpoint["args"]
-    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    num, run = args.num or 64, checkpoint["args"]
+    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
+                             checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    G = G.to(args.device)
-    z = sample_z(num, run["z_dim"], args.device)
-    support.write_images(lambda z: sample(G, z).add(1).div(2), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
-    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
+    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
+            run["dataset"], root, run["image_size"], run["cache_dir"], download=False), gaussian=True)
+    support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ The standard CNN of Table 3 with spectral normalisation on every layer of D (Alg
 For every generator update:
     n_dis times, each on a fresh real minibatch x and fresh z ~ N(0, I)^128:
         D descends  -[log D(x) + log(1 - D(G(z)))]            (Eq. 15; or the hinge loss, Eq. 16)
-        each training forward of D runs one power iteration per layer (Eq. 20-21) and
-        uses W / sigma(W) (Eq. 22)
+        each training forward of D runs one power iteration per layer (Eq. 20-21), uses W / sigma(W) (Eq. 22)
     once: G descends  -log D(G(z))                             (§4's alternate cost; or -D(G(z)), Eq. 17)
 each with Adam(alpha, beta1, beta2) and n_dis from Table 1's setting (default B).
 
@@ -13,6 +12,8 @@ each with Adam(alpha, beta1, beta2) and n_dis from Table 1's setting (default B)
     python train.py --loss hinge                      # Table 2's "SN-GANs, Eq.(17)" row
     python train.py --dataset mnist --setting C
     python train.py --resume runs/RUN                 # continue a run exactly where it stopped
+    python train.py --no-sn                           # the same D with plain weights, Fig. 3's comparison
+    python train.py --evaluate-spectra runs/RUN       # Fig. 3: each layer's singular values -> RUN/spectra.png
 """
 import sys
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
 
+import spectra
 import support
 from dataset import CHANNELS, DATASETS, DataError, batches, load_images
 from model import FOLDER, WIDTH, Z_DIM, Discriminator, Generator, normalized_sigmas, sample, sample_z
@@ -42,8 +44,7 @@ def discriminator_loss(real_logits, fake_logits, kind):
     standard (Eq. 15, D maximises E[log D(x)] + E[log(1 - D(G(z)))] with D = sigmoid(f)):
         softplus(-f(x)) + softplus(f(G(z))), which BCEWithLogits computes stably.
     hinge (Eq. 16, D maximises E[min(0, -1 + f(x))] + E[min(0, -1 - f(G(z)))]):
-        E[relu(1 - f(x))] + E[relu(1 + f(G(z)))].
-    """
+        E[relu(1 - f(x))] + E[relu(1 + f(G(z)))]."""
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
@@ -60,10 +61,9 @@ def generator_loss(fake_logits, kind):
 def discriminator_step(G, D, opt_D, x, z, kind):
     """One update of D (Alg. 1). G is held fixed: its output carries no graph.
 
-    Real and fake images go through D in one forward, so each layer runs exactly one power
-    iteration (Eq. 20-21) for this update and both halves of the loss see the same W / sigma(W)
-    (Eq. 22). D has no batch norm, so putting them in one batch changes nothing else.
-    """
+    Real and fake images go through D in one forward, so each layer runs exactly one power iteration (Eq. 20-21)
+    for this update and both halves of the loss see the same W / sigma(W) (Eq. 22). D has no batch norm, so putting
+    them in one batch changes nothing else."""
     with torch.no_grad():
         fake = G(z)
     real_logits, fake_logits = D(torch.cat((x, fake))).split((len(x), len(fake)))
@@ -89,6 +89,8 @@ def generator_step(G, D, opt_G, z, kind):
 def main(argv=None):
     args, checkpoint = support.parse_args(build_parser(), argv, FOLDER, check_args, resumable={"iters"},
                                           evaluable=support.METRIC_EVALUABLE)
+    if args.evaluate_spectra:
+        return spectra.evaluate_spectra(args.evaluate_spectra, build_parser(), argv)
     device = support.pick_device(args)
     support.seed_everything(args.seed)
     args.channels = CHANNELS[args.dataset]
@@ -106,13 +108,14 @@ def main(argv=None):
         support.fail(error)
 
     G.to(device)
-    # Table 3; Alg. 1: u initialised for every layer of D
-    D = Discriminator(args.image_size, args.channels, args.width).to(device)
+    # Table 3; Alg. 1: u initialised for every layer of D (with --no-sn: no normalisation, plain weights)
+    D = Discriminator(args.image_size, args.channels, args.width, not args.no_sn).to(device)
     # §4.1: "we used the Adam optimizer ... in all of our experiments", with Table 1's alpha, beta1, beta2
     opt_G = torch.optim.Adam(G.parameters(), args.lr, (args.beta1, args.beta2))
     opt_D = torch.optim.Adam(D.parameters(), args.lr, (args.beta1, args.beta2))
     run = support.Run(args, checkpoint, {"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, data,
                       fixed_z=sample_z(GRID, args.z_dim, device), total=args.iters,
+                      d_wins=support.Separated(real=("D/real", 1), fake=("D/fake", -1)),
                       title=f"SN-DCGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x"
                             f"{args.channels}, setting {args.setting}, {args.loss} loss, n_dis {args.n_dis}, "
                             f"{data.per_epoch} real batches per epoch; data {data.placement})",
@@ -167,6 +170,10 @@ def build_parser():
     p.add_argument("--z-dim", type=int, default=Z_DIM, help="§4: d_z = 128, z ~ N(0, I)")
     p.add_argument("--width", type=int, default=WIDTH,
                    help="channels of D's first and G's last hidden layer; Table 3: 64 (512 at M/8)")
+    p.add_argument("--no-sn", action="store_true",
+                   help="D without spectral normalisation, plain weights: §4.1.1's Fig. 3 compares their spectra")
+    p.add_argument("--evaluate-spectra", metavar="RUN_OR_CHECKPOINT",
+                   help="write RUN/spectra.png, each layer's squared singular values as in Fig. 3, and the numbers")
     p.add_argument("--iters", type=int, default=100_000,
                    help="generator updates; §4.1: 'The number of updates for GAN generator were 100K'")
     support.add_run_flags(p)
@@ -182,8 +189,7 @@ def check_args(parser, args):
             setattr(args, name, value)
     support.require_at_least(parser, args, 1, "batch_size", "n_dis", "z_dim", "width", "iters")
     if args.image_size < 8 or args.image_size % 8:
-        parser.error(f"--image-size must be a multiple of 8 (Table 3: G starts and D ends at M/8), "
-                     f"got {args.image_size}")
+        parser.error(f"--image-size must be a multiple of 8 (Table 3: G starts, D ends at M/8), got {args.image_size}")
     support.require_positive(parser, args, "lr")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         parser.error(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1} and {args.beta2}")

@@ -37,9 +37,36 @@ def load_images(name, root, image_size, cache_dir=None, download=True):
     return support.load_images(name, root, image_size, prepare(image_size), cache_dir, download=download)
 
 
-def batches(images, batch_size, device, seed, data_on="auto"):
-    """Endless minibatches in [-1, 1], a fresh permutation each epoch, resumable exactly (support.Batches)."""
-    return support.Batches(images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+def batches(images, batch_size, device, seed, data_on="auto", split=None):
+    """Endless minibatches in [-1, 1], a fresh permutation each epoch, resumable exactly (support.Batches); with
+    `split` (see subset), the checkpoint records it beside the batch position."""
+    if split is None:
+        return support.Batches(images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+    return RecordedSplit(split, images, batch_size, device, seed, scale=to_tanh_range, data_on=data_on)
+
+
+class RecordedSplit(support.Batches):
+    """support.Batches whose state (saved in every checkpoint) also holds the subset and validation indices."""
+
+    def __init__(self, split, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split = split
+
+    def state_dict(self):
+        return {**super().state_dict(), "split": self.split}
+
+
+def subset(images, size, valid_size, seed, split=None):
+    """§5.6: (a random `size`-image subset of the training set, up to valid_size held-out images of the rest in
+    [-1, 1], the indices of both). The indices are the start of a permutation drawn from a generator of its own
+    seeded by `seed` (the training's random streams are untouched), or `split` as a checkpoint recorded it."""
+    if not 0 < size < len(images):
+        raise DataError(f"--train-subset {size} must be between 1 and {len(images) - 1}: the training set has "
+                        f"{len(images)} images and the rest are held out for validation")
+    if split is None:
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        split = {"subset": order[:size], "valid": order[size:size + valid_size]}
+    return images[split["subset"]], to_tanh_range(images[split["valid"]]), split
 
 
 # The 2-D toy sets of §3 and Figure 1 (official code: gan_toy.py), each scaled to about unit standard deviation.

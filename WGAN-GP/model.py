@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import support
+from dataset import load_images
 
 FOLDER = "WGAN-GP"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -141,18 +142,17 @@ def sample(G, z):
 
 
 def main(argv=None):
-    parser = support.sampling_parser("Sample images from a WGAN-GP checkpoint.",
-                                     num_help="how many images (default: 64)")
+    parser = support.sampling_parser("Sample images from a WGAN-GP checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num = args.num or 64
-    run = checkpoint["args"]
-    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    num, run = args.num or 64, checkpoint["args"]
+    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
+                             checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    G = G.to(args.device)
-    z = sample_z(num, run["z_dim"], args.device)
-    support.write_images(lambda z: sample(G, z).add(1).div(2), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
-    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
+    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
+            run["dataset"], root, run["image_size"], run["cache_dir"], download=False), gaussian=True)
+    support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":

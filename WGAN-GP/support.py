@@ -347,10 +347,11 @@ def bf16_forward(net, device_type):
 class Run:
     """One training run: its folder, scalars, fixed-noise grids (`grid(z)`), checkpoints (every --checkpoint-every
     steps, at the end, on Ctrl-C or SIGTERM) holding every network, optimiser, RNG state and the batch position,
-    so a resume is exact; `metric()` -> ({name: value}, score) every `eval_every` steps picks best.pt; NaN stops."""
+    so a resume is exact; `metric()` -> ({name: value}, score) every `eval_every` steps picks best.pt; NaN stops.
+    `d_wins` (Separated or RunsAway) names the scalars that tell when D has won (see Health)."""
 
     def __init__(self, args, checkpoint, nets, optimizers, batches, fixed_z, total, title, grid, folder,
-                 compiled=("G", "D"), metric=None, eval_every=0, higher_is_better=True):
+                 compiled=("G", "D"), metric=None, eval_every=0, higher_is_better=True, d_wins=None):
         if args.max_steps is not None:
             total = args.max_steps if total is None else min(total, args.max_steps)
         self.args, self.nets, self.optimizers, self.batches, self.fixed_z = args, nets, optimizers, batches, fixed_z
@@ -379,6 +380,7 @@ class Run:
         # events after the checkpoint's step came from a run that went past it, and are dropped
         with writing(self.out):
             self.writer = SummaryWriter(self.out, purge_step=self.step + 1 if checkpoint is not None else None)
+        self.health = Health(self.writer, d_wins, getattr(batches, "images", None), len(fixed_z))
         speed_up(nets, args.precision, args.compile, fixed_z.device, args.channels_last, compiled)
         threading.excepthook = quiet_full_disk
         # Ctrl-C or SIGTERM: finish the step, write the checkpoint, stop (see stop); a second Ctrl-C quits at once
@@ -423,7 +425,9 @@ class Run:
         self.summed += 1
         if self.due(self.args.log_every):
             self.check_finite()
-            self.log({**dict(zip(scalars, (self.sums / self.summed).tolist())), **(also_log() if also_log else {})})
+            means = dict(zip(scalars, (self.sums / self.summed).tolist()))
+            self.health.scalars(means, self.step)
+            self.log({**means, **(also_log() if also_log else {})})
             self.sums, self.summed = None, 0
         if self.due(self.args.sample_every):
             grid = self.grid(self.fixed_z)
@@ -431,6 +435,7 @@ class Run:
             with writing(path):
                 vutils.save_image(grid, path)
                 self.writer.add_image("samples", grid, self.step)
+            self.health.grid(grid, len(self.fixed_z), self.step)
         if self.eval_every and self.step % self.eval_every == 0:
             self.evaluate()
         if self.step % self.args.checkpoint_every == 0:
@@ -517,6 +522,106 @@ class Run:
         return 0
 
 
+# ---- the run's health: signs that training is failing, said while it goes on ----
+# The thresholds come from 1,500-step MNIST runs of every folder at its defaults (width 16) and 600-2,100-step runs
+# made to fail (--lr 0.05); the top-level README's "When a run is failing" lists the values measured.
+# Healthy runs pass through a phase where D wins and the grid is nearly one image: SN-DCGAN's logits sat near
+# +27 / -8 (D winning for 525 steps without a break) and its grid under COLLAPSE_FRACTION for 500 steps before G
+# caught up; a sign must hold about four times that long before it is said.
+HEALTH_STRETCH = 2000  # steps a sign must hold without a break before it is said; said again after each further stretch
+WIN_MARGIN = 0.05  # healthy DCGAN, LSGAN, CGAN: D(x) <= 0.961 and D(G(z)) >= 0.048; failing: 0.997+ and 0.002-
+RUNAWAY_GROWTH = 10  # the critic's estimate runs away: 10 times the largest it was a stretch earlier
+COLLAPSE_FRACTION = 0.05  # collapsed grids measured 0.000-0.005 of the real spread; healthy ones 0.6-1.05 by step 1500
+GRID_PADDING = 2  # torchvision's make_grid padding, which every folder's grid uses
+
+
+class Separated:
+    """D wins outright: the scalars named `real` and `fake` (D's mean output on real images and on G's), given
+    as (name, target), both lie within WIN_MARGIN of the targets' gap from their targets."""
+
+    def __init__(self, real, fake):
+        self.real, self.fake = real, fake
+
+    def __call__(self, scalars, step):
+        (real, real_target), (fake, fake_target) = self.real, self.fake
+        gap = real_target - fake_target
+        if (scalars[real] - fake_target) / gap >= 1 - WIN_MARGIN and (scalars[fake] - fake_target) / gap <= WIN_MARGIN:
+            return f"D wins outright: {real} {scalars[real]:.4g} (target {real_target:g}), {fake} " \
+                   f"{scalars[fake]:.4g} (target {fake_target:g})"
+        return None
+
+
+class RunsAway:
+    """The critic's estimate (the scalar `name`) runs away: non-finite, or over RUNAWAY_GROWTH times the largest
+    magnitude it had up to HEALTH_STRETCH steps earlier."""
+
+    def __init__(self, name):
+        self.name, self.history = name, []
+
+    def __call__(self, scalars, step):
+        value = scalars[self.name]
+        self.history.append((step, abs(value)))
+        earlier = [size for at, size in self.history if at <= step - HEALTH_STRETCH]
+        if not math.isfinite(value) or (earlier and abs(value) > RUNAWAY_GROWTH * max(earlier)):
+            peak = f"; at most {max(earlier):.4g} until step {step - HEALTH_STRETCH}" if earlier else ""
+            return f"the critic's {self.name} runs away: {value:.4g}{peak}"
+        return None
+
+
+class Health:
+    """Says, once on stderr and as TensorBoard text "health", when a sign of failure has held for HEALTH_STRETCH
+    steps (and again after each further stretch): `d_wins(scalars, step)` on each logged mean (Separated or
+    RunsAway), and a fixed-noise grid whose samples have collapsed onto one another."""
+
+    def __init__(self, writer, d_wins, real_images, count):
+        self.writer, self.d_wins = writer, d_wins
+        self.since, self.said = {}, {}
+        self.real_spread = None
+        if real_images is not None:  # image data: the first `count` images as the grid shows them, in [0, 1]
+            real = torch.as_tensor(real_images[:count]).float() / 255
+            self.size = real.shape[-2:]
+            self.real_spread = spread(real.expand(-1, 3, -1, -1))
+
+    def scalars(self, scalars, step):
+        if self.d_wins is not None:
+            self.check("d_wins", self.d_wins(scalars, step), step)
+
+    def grid(self, grid, count, step):
+        if self.real_spread is None:
+            return
+        samples = grid_tiles(grid.float().cpu(), count, *self.size)
+        ratio = spread(samples) / self.real_spread
+        self.check("collapse", f"the fixed-noise grid collapsed: its samples' mean pairwise distance is "
+                               f"{ratio:.3f} of the real images'" if ratio < COLLAPSE_FRACTION else None, step)
+
+    def check(self, sign, failing, step):
+        if failing is None:
+            self.since.pop(sign, None)
+            self.said.pop(sign, None)
+            return
+        since = self.since.setdefault(sign, step)
+        held = step - since
+        if held >= HEALTH_STRETCH * (self.said.get(sign, 0) + 1):
+            self.said[sign] = self.said.get(sign, 0) + 1
+            line = f"warning: step {step}: {failing}, for {held} steps; training goes on"
+            tqdm.write(line, file=sys.stderr)
+            with writing(self.writer.log_dir):
+                self.writer.add_text("health", line, step)
+
+
+def spread(images):
+    """The mean Euclidean distance between two different images of a batch."""
+    return torch.pdist(images.flatten(1).double()).mean().item()
+
+
+def grid_tiles(grid, count, height, width):
+    """The first `count` images of a make_grid picture of height x width images."""
+    columns = (grid.shape[-1] - GRID_PADDING) // (width + GRID_PADDING)
+    top = [GRID_PADDING + (i // columns) * (height + GRID_PADDING) for i in range(count)]
+    left = [GRID_PADDING + (i % columns) * (width + GRID_PADDING) for i in range(count)]
+    return torch.stack([grid[:, t:t + height, l:l + width] for t, l in zip(top, left)])
+
+
 def new_run_folder(runs):
     """runs/<date-time>, created now; -2, -3, ... after it when another run started in the same second."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -559,7 +664,7 @@ def hold(folder):
 
 # ---- model.py's sampling command ----
 
-def sampling_parser(description, num_help):
+def sampling_parser(description, num_help="how many images (default: 64)"):
     """model.py's flags, the same in every folder; a folder may add its own before read_sampling_flags."""
     parser = FlagParser(description=description)
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder, or a checkpoint file")
@@ -570,13 +675,38 @@ def sampling_parser(description, num_help):
     parser.add_argument("--single", action="store_true", help="write the images as separate PNG files into --out")
     parser.add_argument("--seed", type=int, default=0, help="seed for z")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    inspect = parser.add_mutually_exclusive_group()
+    inspect.add_argument("--interpolate", action="store_true",
+                         help="--rows rows of --steps images, each row decoded from evenly spaced z on a path between "
+                              "two random z (GAN paper Fig. 3, DCGAN Fig. 4: both walk the straight line)")
+    inspect.add_argument("--nearest", action="store_true",
+                         help="--rows rows of --pairs samples, each beside its nearest training image (L2 in pixels; "
+                              "GAN paper Fig. 2), and the median nearest distance of samples and of held-out images")
+    parser.add_argument("--rows", type=int, default=8,
+                        help="--interpolate, --nearest: rows of the grid (this command's choice, as are --steps, "
+                             "--pairs and --compare: the papers print no counts)")
+    parser.add_argument("--steps", type=int, default=10, help="--interpolate: images per row, both ends included")
+    parser.add_argument("--path", default="line", choices=("line", "circle"),
+                        help="--interpolate: the straight line (both papers), or, for a Gaussian prior, the great "
+                             "circle between the two directions with the radius moving linearly from end to end")
+    parser.add_argument("--pairs", type=int, default=5, help="--nearest: sample and neighbour pairs per row")
+    parser.add_argument("--compare", type=int, default=1000,
+                        help="--nearest: the medians are over this many samples (the grid shows the first) and as "
+                             "many held-out images")
+    parser.add_argument("--data-root", default=None,
+                        help="--nearest: where the training data lives (default: the run's own --data-root)")
     return parser
 
 
 def read_sampling_flags(parser, argv, folder):
     """model.py's flags and the checkpoint they name, or one line naming the problem; nothing is written."""
     args = parser.parse_args(expand_home(argv))
-    require_at_least(parser, args, 1, "num")
+    require_at_least(parser, args, 1, "num", "rows", "pairs", "compare")
+    require_at_least(parser, args, 2, "steps")
+    if (args.interpolate or args.nearest) and (args.single or args.num is not None):
+        parser.error(f"{'--single' if args.single else '--num'} does not go with "
+                     f"{'--interpolate' if args.interpolate else '--nearest'}: its grid is --rows by "
+                     f"{'--steps' if args.interpolate else '--pairs'}")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed must lie in [0, 2^32), got {args.seed}")
     check_device(parser, args.device, ("cpu", "cuda"))
@@ -603,22 +733,138 @@ def load_weights(parser, net, weights, what):
     return net
 
 
-def write_images(generate, inputs, out, single, nrow, names=None):
+def write_images(generate, inputs, out, single, nrow=None, names=None, step=None):
     """G's images for `inputs` (tensors split along their first dimension, generate(*chunk) -> images in [0, 1])
-    as one grid PNG, or with `single` one PNG each (00000.png, ... unless `names`), SAMPLE_CHUNK at a time."""
+    as one grid PNG of `nrow` images a row (default: as square as it goes), or with `single` one PNG each
+    (00000.png, ... unless `names`), SAMPLE_CHUNK at a time; given the checkpoint's `step`, one line saying so."""
     out, num = Path(out), len(inputs[0])
+    nrow = nrow or math.ceil(math.sqrt(num))
     if not single and num > GRID_MOST:
         fail(f"--num {num}: a grid of that many images is a picture no one can look at (at most {GRID_MOST}); "
              f"--single writes any number of images one by one")
     with writing(out), torch.no_grad():
         (out if single else out.parent).mkdir(parents=True, exist_ok=True)
         if not single:
-            return vutils.save_image(generate(*inputs), out, nrow=nrow, padding=2)
-        start = 0
-        for chunk in zip(*(tensor.split(SAMPLE_CHUNK) for tensor in inputs)):
-            for i, image in enumerate(generate(*chunk), start):
-                vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
-            start += len(chunk[0])
+            vutils.save_image(generate(*inputs), out, nrow=nrow, padding=2)
+        else:
+            start = 0
+            for chunk in zip(*(tensor.split(SAMPLE_CHUNK) for tensor in inputs)):
+                for i, image in enumerate(generate(*chunk), start):
+                    vutils.save_image(image, out / (names[i] if names else f"{i:05d}.png"))
+                start += len(chunk[0])
+    if step is not None:
+        print(f"wrote {num} samples of step {step} to {out}")
+
+
+# ---- model.py's --interpolate and --nearest ----
+NEAREST_BATCH = 2048  # --nearest: training images compared at a time, so memory stays flat on any data set
+
+
+def inspect(args, checkpoint, draw, draw_z, training, gaussian=False, labels=None):
+    """model.py --interpolate or --nearest. draw(z) -> G's images in [0, 1] (with `labels`: draw(z, labels(row)),
+    row the grid row of each z); draw_z(n) -> n z of the folder's prior, `gaussian` or not; training(root) -> the
+    run's training set, uint8 (N, C, H, W), as its dataset.py loads it."""
+    generate = (lambda z, rows: draw(z)) if labels is None else (lambda z, rows: draw(z, labels(rows)))
+    if args.interpolate:
+        return write_interpolation(args, checkpoint, generate, draw_z, gaussian)
+    return write_nearest(args, checkpoint, generate, draw_z, training)
+
+
+def interpolation_path(z0, z1, steps, path="line"):
+    """`steps` evenly spaced points from z0 to z1, both ends exactly included: on the straight line, or on the
+    great circle between their directions with the radius going linearly from |z0| to |z1|, so that under a
+    Gaussian prior no point is as atypically short as the line's middle."""
+    t = torch.linspace(0, 1, steps, device=z0.device)[:, None]
+    if path == "line":
+        points = (1 - t) * z0 + t * z1
+    else:
+        r0, r1 = z0.norm(), z1.norm()
+        angle = torch.arccos((z0 @ z1 / (r0 * r1)).clamp(-1, 1))
+        # spherical interpolation of the unit directions, which stays on the unit sphere
+        direction = (torch.sin((1 - t) * angle) * z0 / r0 + torch.sin(t * angle) * z1 / r1) / torch.sin(angle)
+        points = ((1 - t) * r0 + t * r1) * direction
+    points[0], points[-1] = z0, z1
+    return points
+
+
+def write_interpolation(args, checkpoint, generate, draw_z, gaussian):
+    """--rows rows of --steps images along --path; row r walks from the (2r)-th to the (2r + 1)-th of
+    draw_z(2 * rows), so that its ends are G's samples of those z."""
+    if args.path == "circle" and not gaussian:
+        fail("--path circle needs a Gaussian prior; this folder's z is uniform in a cube, which the circle leaves; "
+             "use --path line")
+    ends = draw_z(2 * args.rows)
+    z = torch.cat([interpolation_path(a, b, args.steps, args.path) for a, b in zip(ends[0::2], ends[1::2])])
+    rows = torch.arange(args.rows, device=z.device).repeat_interleave(args.steps)
+    write_images(generate, (z, rows), args.out, False, args.steps)
+    print(f"wrote {args.rows} rows of {args.steps} images along the {args.path} between two z, of step "
+          f"{checkpoint['step']}, to {args.out}")
+
+
+def nearest_training(images, training, device, batch=NEAREST_BATCH):
+    """The L2 distance in pixel space ([0, 1]) from each of `images` (float in [0, 1]) to its nearest image of
+    `training` (uint8), and that image's index; the training set goes to `device` `batch` images at a time."""
+    queries = images.flatten(1).to(device, torch.float32)
+    best = torch.full((len(queries),), math.inf, device=device)
+    index = torch.zeros(len(queries), dtype=torch.long, device=device)
+    for start in range(0, len(training), batch):
+        chunk = training[start:start + batch].to(device).flatten(1).float().div_(255)
+        # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y: one matrix product per batch
+        squared = queries.pow(2).sum(1, keepdim=True) + chunk.pow(2).sum(1) - 2 * queries @ chunk.T
+        value, where = squared.min(1)
+        closer = value < best
+        best, index = torch.where(closer, value, best), torch.where(closer, where + start, index)
+    index = index.cpu()
+    # the distance to the chosen image computed directly, free of the matrix product's rounding
+    nearest = training[index].to(device).flatten(1).float().div_(255)
+    return (queries - nearest).norm(dim=1).cpu(), index
+
+
+def held_out_images(name, root, image_size):
+    """The test split of `name` (one of TEST_SPLITS) as uint8 (N, C, image_size, image_size), never downloaded."""
+    if name in MNIST_CLASSES:
+        images = read_mnist(name, root, train=False, download=False)[0][:, None]
+    else:
+        images = torch.as_tensor(torchvision.datasets.CIFAR10(root, train=False, download=False).data)
+        images = images.permute(0, 3, 1, 2)
+    return resize(images.contiguous(), image_size)
+
+
+def write_nearest(args, checkpoint, generate, draw_z, training):
+    """GAN paper Fig. 2: --rows rows of --pairs samples, each beside its nearest training image; then the median
+    nearest distance of --compare samples beside that of as many held-out images, to show whether G copies."""
+    run = checkpoint["args"]
+    root = Path(args.data_root or run["data_root"])
+    try:
+        train_set = training(root)
+    except DataError as error:
+        fail(error)
+    count, shown = max(args.compare, args.rows * args.pairs), args.rows * args.pairs
+    z = draw_z(count)
+    rows = torch.arange(count, device=z.device) // args.pairs
+    with torch.no_grad():
+        samples = torch.cat([generate(*chunk).cpu() for chunk in zip(z.split(SAMPLE_CHUNK), rows.split(SAMPLE_CHUNK))])
+    if samples.shape[1:] != train_set.shape[1:]:
+        fail(f"G's images are {tuple(samples.shape[1:])}, but the training images under {root} are "
+             f"{tuple(train_set.shape[1:])}: --data-root holds another data set")
+    distance, index = nearest_training(samples, train_set, args.device)
+    pairs = torch.stack([samples[:shown], train_set[index[:shown]].float() / 255], 1).flatten(0, 1)
+    write_images(lambda images: images, (pairs,), args.out, False, 2 * args.pairs)
+    print(f"wrote {shown} samples of step {checkpoint['step']}, each beside its nearest of {len(train_set)} "
+          f"{run['dataset']} training images, to {args.out}")
+    print(f"median L2 distance (pixels in [0, 1]) to the nearest training image: {distance.median():.3f} for "
+          f"{count} samples")
+    if run["dataset"] not in TEST_SPLITS:
+        return print(f"{run['dataset']} has no test split: no held-out images to compare with")
+    try:
+        test = held_out_images(run["dataset"], root, train_set.shape[-1])
+    except Exception as error:  # missing or damaged files
+        return print(f"the {run['dataset']} test split is not readable under {root} ({reason(error)}): "
+                     f"no held-out images to compare with")
+    held_out = test[torch.randperm(len(test))[:count]].float() / 255
+    print(f"median L2 distance (pixels in [0, 1]) to the nearest training image: "
+          f"{nearest_training(held_out, train_set, args.device)[0].median():.3f} for {len(held_out)} held-out "
+          f"test images")
 
 
 # ---- IS, FID and KID through torch-fidelity ----
@@ -769,30 +1015,66 @@ def sample_metrics(draw, args, device, z_prior, real, num_samples):
 
 
 def evaluate_checkpoint(args, checkpoint, G, draw, device, folder, z_prior, training_images):
-    """--evaluate: IS, FID and KID of the checkpoint's G on --eval-samples samples; metrics.json in its run
-    folder. `draw(z)` samples G in [-1, 1]; `training_images(args)` is the training set as uint8."""
+    """--evaluate: IS, FID and KID of G on --eval-samples samples, for a run folder's best.pt and last.pt when it
+    kept both (else the one it has, or the checkpoint file given); metrics.json in its run folder holds one record
+    per checkpoint, keyed "best" / "last", each number beside how it was measured. `draw(z)` samples G in [-1, 1];
+    `training_images(args)` is the training set as uint8."""
     run = Path(args.out)
     if unwritable(run):
         fail(f"cannot write metrics.json into the run folder {run}")
     check_feature_extractor(args, device)
-    G.to(device).load_state_dict(checkpoint["G"])
-    real = RealSet(args, training_images)
     path = checkpoint_path(args.evaluate, "auto")
-    print(f"{folder}: {path} (step {checkpoint['step']}), {args.eval_samples} samples against {real.description}")
-    scores = sample_metrics(draw, args, device, z_prior, real, args.eval_samples)
-    print(f"Inception Score: {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f} "
-          f"({ISC_SPLITS} splits); FID: {scores['fid']:.3f}; KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} "
-          f"({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
-    record = {"folder": folder, "checkpoint": str(path.resolve()), "step": checkpoint["step"],
-              "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
-              "real_split": args.eval_real, "real_images": len(real), **scores, "isc_splits": ISC_SPLITS,
-              "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
-              "feature_extractor": args.feature_extractor, "torch_fidelity": fidelity().__version__,
-              "device": str(device)}
-    with writing(run / "metrics.json"):
-        write_atomically(run / "metrics.json", json.dumps(record, indent=2).encode())
+    scored = {path.stem: (path, checkpoint)}
+    last = checkpoint_path(args.evaluate, "last")
+    if last != path and last.is_file():
+        try:
+            scored["last"] = (last, read_checkpoint(last, folder))
+        except CheckpointError as error:
+            fail(f"--evaluate: {error}")
+    real = RealSet(args, training_images)
+    records, by_step = {}, {}
+    for name, (path, checkpoint) in scored.items():
+        print(f"{folder}: {name} = {path} (step {checkpoint['step']}), {args.eval_samples} samples against "
+              f"{real.description}")
+        if checkpoint["step"] not in by_step:  # best.pt and last.pt of the same step hold the same G
+            G.to(device).load_state_dict(checkpoint["G"])
+            by_step[checkpoint["step"]] = sample_metrics(draw, args, device, z_prior, real, args.eval_samples)
+        scores = by_step[checkpoint["step"]]
+        print(f"{name}: Inception Score: {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f} "
+              f"({ISC_SPLITS} splits); FID: {scores['fid']:.3f}; KID: {scores['kid']:.5f} ± {scores['kid_std']:.5f} "
+              f"({KID_SUBSETS} subsets of {scores['kid_subset_size']})")
+        records[name] = {"folder": folder, "checkpoint": str(path.resolve()), "step": checkpoint["step"], **scores,
+                         "samples": args.eval_samples, "dataset": args.dataset, "image_size": args.image_size,
+                         "real_split": args.eval_real, "real_images": len(real), "isc_splits": ISC_SPLITS,
+                         "kid_subsets": KID_SUBSETS, "z_prior": z_prior, "seed": args.seed,
+                         "feature_extractor": args.feature_extractor,
+                         "feature_extractor_weights": extractor_weights(args.feature_extractor),
+                         "torch_fidelity": fidelity().__version__, "device": str(device)}
+    merge_metrics(run / "metrics.json", records)
     print(f"wrote {run / 'metrics.json'}")
     return 0
+
+
+def extractor_weights(name):
+    """The weights file of torch-fidelity's Inception-v3; for other extractors, those torch-fidelity gives them."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    if name == "inception-v3-compat":
+        return Path(URL_INCEPTION_V3).name
+    return f"torch-fidelity {fidelity().__version__}'s default weights for {name}"
+
+
+def merge_metrics(path, records):
+    """`records` written into the JSON object of `path` beside the records already there (other evaluations')."""
+    metrics = {}
+    if Path(path).is_file():
+        try:
+            metrics = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            fail(f"{path} cannot be read as JSON ({reason(error)}); it is left as it is")
+        if not isinstance(metrics, dict):
+            fail(f"{path} does not hold a JSON object; it is left as it is")
+    with writing(path):
+        write_atomically(path, json.dumps({**metrics, **records}, indent=2).encode())
 
 
 class TrainingMetrics:

@@ -10,6 +10,7 @@ each with Adam(lr 1e-4, beta1 0, beta2 0.9), lambda = 10, n_critic = 5, z ~ N(0,
     python train.py                                   # CIFAR-10 at 32x32, the paper's settings
     python train.py --dataset mnist
     python train.py --resume runs/RUN                 # continue a run exactly where it stopped
+    python train.py --dataset mnist --train-subset 1000   # §5.6: also logs the estimate on held-out images
 """
 import sys
 
@@ -17,11 +18,12 @@ import torch
 import torchvision.utils as vutils
 
 import support
-from dataset import CHANNELS, DATASETS, DataError, batches, load_images
+from dataset import CHANNELS, DATASETS, DataError, batches, load_images, subset
 from model import FOLDER, WIDTH, Z_DIM, Critic, Generator, init_weights, sample, sample_z
 
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 Z_PRIOR = "normal"  # official code (gan_cifar.py): z ~ N(0, I), as torch-fidelity names --evaluate's prior
+VALID_BATCHES = 10  # --train-subset: held-out batches of --batch-size images behind wasserstein/estimate_valid
 
 
 def gradient_penalty(D, real, fake):
@@ -74,6 +76,18 @@ def generator_step(G, D, opt_G, z):
     return loss.detach()
 
 
+@torch.no_grad()
+def wasserstein_valid(G, D, valid, z_dim, batch_size, seed):
+    """§5.6, Fig. 4(b): the negative critic loss without the penalty, E[D(x)] - E[D(G(z))], on held-out x. Fresh z
+    from a stream of its own (`seed`); G makes the fakes in train mode in batches of batch_size, as the critic sees them
+    in training, on copies of its batch-norm statistics: no random stream, weight or statistic of training changes."""
+    with support.rng_untouched(valid.device, seed):
+        statistics = {name: buffer.clone() for name, buffer in G.named_buffers()}
+        fake = torch.cat([torch.func.functional_call(G, statistics, (sample_z(len(x), z_dim, valid.device),))
+                          for x in valid.split(batch_size)])
+    return (D(valid).mean() - D(fake).mean()).item()
+
+
 def main(argv=None):
     args, checkpoint = support.parse_args(build_parser(), argv, FOLDER, check_args, resumable={"iters"},
                                           evaluable=support.METRIC_EVALUABLE)
@@ -87,8 +101,13 @@ def main(argv=None):
     if args.eval_every:
         support.check_feature_extractor(args, device)
     try:
-        images = training_images(args)
-        data = batches(images, args.batch_size, device, args.seed, args.data_on)
+        images, split = training_images(args), None
+        if args.train_subset:
+            # §5.6: train on a random subset; hold out images of the rest of the training set for validation
+            images, valid, split = subset(images, args.train_subset, VALID_BATCHES * args.batch_size, args.seed,
+                                          checkpoint and checkpoint["batches"]["split"])
+            valid = valid.to(device)
+        data = batches(images, args.batch_size, device, args.seed, args.data_on, split)
     except DataError as error:
         support.fail(error)
 
@@ -102,6 +121,7 @@ def main(argv=None):
     # the critic stays eager under --compile: torch.compile cannot differentiate the penalty's gradient again
     run = support.Run(args, checkpoint, {"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, data,
                       fixed_z=sample_z(GRID, args.z_dim, device), total=args.iters,
+                      d_wins=support.RunsAway("wasserstein/estimate"),
                       title=f"WGAN-GP on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x"
                             f"{args.channels}, {args.n_critic} critic iterations per generator iteration, "
                             f"{data.per_epoch} real batches per epoch; data {data.placement})",
@@ -122,7 +142,11 @@ def main(argv=None):
         # Alg. 1 line 12: the generator's Adam step on -D(G(z))
         loss_G = generator_step(G, D, opt_G, z)
         loss_D, w_estimate, gp = torch.stack([torch.stack(values) for values in critic]).mean(0)
-        run.end_step({"wasserstein/estimate": w_estimate, "penalty/gp": gp, "loss/D": loss_D, "loss/G": loss_G})
+        # §5.6, Fig. 4(b): with --train-subset, the same estimate on held-out images, at each log
+        valid_estimate = (lambda: {"wasserstein/estimate_valid": wasserstein_valid(
+            G, D, valid, args.z_dim, args.batch_size, args.seed * 1_000_003 + run.step)}) if args.train_subset else None
+        run.end_step({"wasserstein/estimate": w_estimate, "penalty/gp": gp, "loss/D": loss_D, "loss/G": loss_G},
+                     valid_estimate)
     return run.finish()
 
 
@@ -151,6 +175,9 @@ def build_parser():
                    help="official code: DIM = 128 (G: 4*DIM -> 2*DIM -> DIM; D: DIM -> 2*DIM -> 4*DIM)")
     p.add_argument("--iters", type=int, default=200_000,
                    help="generator iterations; official code: gan_cifar.py ITERS = 200000 (Fig. 3's x axis)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="§5.6, Fig. 4(b): train on a random N-image subset (1000 there), fixed by --seed, and log "
+                        "wasserstein/estimate_valid on held-out images of the rest (default: the whole set)")
     support.add_run_flags(p, sample_every=1000, log_every=100, checkpoint_every=1000, sources={
         "log_every": "official code: every 100; each log is the mean over the steps since the last one"})
     support.add_metric_flags(p)
@@ -160,6 +187,7 @@ def build_parser():
 def check_args(parser, args):
     """The paper's flags, each inside its domain (support.parse_args checks the run's flags)."""
     support.require_at_least(parser, args, 1, "batch_size", "n_critic", "z_dim", "width", "iters")
+    support.require_at_least(parser, args, args.batch_size, "train_subset")
     support.require_positive(parser, args, "lr")
     if not 0 <= args.lambda_gp < float("inf"):
         parser.error(f"--lambda-gp must be a non-negative number, got {args.lambda_gp}")

@@ -10,6 +10,8 @@ sigmoid" (Fig. 3). The paper gives no layer sizes; they come from the official c
 (models/dcgan.py): 4x4 convolutions with stride 2 and padding 1, no biases, batch
 norm in both networks except G's output and the critic's input layer, width 64
 (512 channels at 4x4 for 64 px images), and a final 4x4 convolution to one number.
+
+§4.3 trains this critic against worse generators too (train.py --generator): Fig. 6 and Fig. 7 below.
 """
 import math
 import sys
@@ -18,11 +20,13 @@ import torch
 from torch import nn
 
 import support
+from dataset import load_images
 
 FOLDER = "WGAN"  # the name checkpoints carry; support.py reads only this folder's
 
 Z_DIM = 100  # official code: nz = 100
 WIDTH = 64  # official code: ngf = ndf = 64 (G's last and the critic's first hidden layer)
+MLP_HIDDEN, MLP_DEPTH = 512, 4  # Fig. 7: the MLP generator's 4 hidden layers of 512 units
 
 
 def sample_z(n, z_dim=Z_DIM, device="cpu"):
@@ -65,6 +69,40 @@ class Generator(nn.Module):
 
     def forward(self, z):
         return self.net(z.view(*z.shape, 1, 1))
+
+
+class NoBatchNormGenerator(nn.Sequential):
+    """Fig. 6: G without batch norm, `width` filters in every hidden layer: z -> 4x4xW -> ... -> 64x64xC. The
+    official DCGAN_G_nobn keeps DCGAN's halving filter counts; this follows the caption's constant count."""
+
+    def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, width=WIDTH):
+        layers = [nn.Unflatten(1, (z_dim, 1, 1)), nn.ConvTranspose2d(z_dim, width, 4, 1, 0, bias=False), nn.ReLU()]
+        for _ in range(stages(image_size) - 1):
+            layers += [up(width, width), nn.ReLU()]
+        super().__init__(*layers, up(width, channels), nn.Tanh())
+
+
+class MLPGenerator(nn.Sequential):
+    """Fig. 7: a ReLU MLP, 4 hidden layers of 512 units. As in the official MLP_G, a linear output and PyTorch's
+    initialisation; MLP_G has 3 hidden layers of ngf units (512 in its README), the paper says 4."""
+
+    def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, hidden=MLP_HIDDEN, depth=MLP_DEPTH):
+        sizes = [z_dim] + [hidden] * depth
+        layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out), nn.ReLU())]
+        super().__init__(*layers, nn.Linear(hidden, channels * image_size ** 2),
+                         nn.Unflatten(1, (channels, image_size, image_size)))
+
+
+GENERATORS = ("dcgan", "nobn", "mlp")  # §4.3: Fig. 5, 6 and 7
+
+
+def build_generator(run):
+    """G as a run's arguments (a checkpoint's "args") name it; a run from before --generator has the DCGAN one."""
+    name = run.get("generator", "dcgan")
+    if name == "mlp":
+        return MLPGenerator(run["image_size"], run["channels"], run["z_dim"])
+    network = NoBatchNormGenerator if name == "nobn" else Generator
+    return network(run["image_size"], run["channels"], run["z_dim"], run["width"])
 
 
 class Critic(nn.Module):
@@ -110,17 +148,17 @@ def sample(G, z):
 
 
 def main(argv=None):
-    parser = support.sampling_parser("Sample images from a WGAN checkpoint.", num_help="how many images (default: 64)")
+    parser = support.sampling_parser("Sample images from a WGAN checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num = args.num or 64
-    run = checkpoint["args"]
-    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    num, run = args.num or 64, checkpoint["args"]
+    G = support.load_weights(parser, build_generator(run), checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    G = G.to(args.device)
-    z = sample_z(num, run["z_dim"], args.device)
-    support.write_images(lambda z: sample(G, z).add(1).div(2), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
-    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
+    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
+            run["dataset"], root, run["image_size"], run["cache_dir"], run["lsun_classes"], download=False),
+                               gaussian=True)
+    support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torchvision.utils as vutils
 
 import support
 from dataset import CHANNELS, DATASETS, LSUN_CLASSES, DataError, batches, load_images
-from model import FOLDER, WIDTH, Z_DIM, Critic, Generator, init_weights, sample, sample_z
+from model import FOLDER, GENERATORS, WIDTH, Z_DIM, Critic, build_generator, init_weights, sample, sample_z
 
 GRID = 64  # fixed-noise samples in each grid (8 x 8)
 Z_PRIOR = "normal"  # official code (main.py): z ~ N(0, 1), as torch-fidelity names the prior of --evaluate's samples
@@ -99,7 +99,7 @@ def main(argv=None):
     device = support.pick_device(args)
     support.seed_everything(args.seed)
     args.channels = CHANNELS[args.dataset]
-    G = Generator(args.image_size, args.channels, args.z_dim, args.width)
+    G = build_generator(vars(args))  # §4.3: --generator
     if args.evaluate:
         return support.evaluate_checkpoint(args, checkpoint, G, lambda z: sample(G, z), device, FOLDER, Z_PRIOR,
                                            training_images)
@@ -122,6 +122,7 @@ def main(argv=None):
     opt_D = rmsprop(D.parameters(), args.lr)
     run = support.Run(args, checkpoint, {"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, data,
                       fixed_z=sample_z(GRID, args.z_dim, device), total=args.iters,
+                      d_wins=support.RunsAway("wasserstein/estimate"),
                       title=f"WGAN on {args.dataset} ({len(images)} images, {args.image_size}x{args.image_size}x"
                             f"{args.channels}, {data.per_epoch} real batches per epoch; data {data.placement})",
                       grid=lambda z: vutils.make_grid(sample(G, z), nrow=8, normalize=True, value_range=(-1, 1)),
@@ -173,6 +174,10 @@ def build_parser():
     p.add_argument("--z-dim", type=int, default=Z_DIM, help="official code: nz = 100")
     p.add_argument("--width", type=int, default=WIDTH,
                    help="channels of G's last and the critic's first hidden layer; official code: ngf = ndf = 64")
+    p.add_argument("--generator", default="dcgan", choices=GENERATORS,
+                   help="G, §4.3: dcgan, the official DCGAN_G (Fig. 5); nobn, no batch norm and --width filters in "
+                        "every layer (Fig. 6; the official DCGAN_G_nobn keeps DCGAN's halving filter counts); mlp, a "
+                        "ReLU MLP with 4 hidden layers of 512 units (Fig. 7; the official MLP_G has 3 hidden layers)")
     p.add_argument("--iters", type=int, default=None,
                    help=f"generator iterations; %(default)s: as many as it takes the critic to draw {EPOCHS} epochs "
                         f"of real batches (official code: niter = {EPOCHS} epochs; the paper names no length)")

@@ -3,6 +3,8 @@ their initialisation, and sampling from a checkpoint.
 
     python model.py runs/RUN --num 100 --out grid.png          # one 10x10 grid
     python model.py runs/RUN --num 500 --out samples/ --single  # 500 PNG files
+    python model.py runs/RUN --nearest --out nearest.png       # Fig. 2: each sample beside its nearest digit
+    python model.py runs/RUN --interpolate --out walk.png      # Fig. 3: digits along the line between two z
 
 §5: "The generator nets used a mixture of rectifier linear activations and sigmoid
 activations, while the discriminator net used maxout activations. Dropout was applied
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 import support
+from dataset import load_images
 
 FOLDER = "simpleGAN"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -117,15 +120,14 @@ def main(argv=None):
     parser = support.sampling_parser("Sample images from a simpleGAN checkpoint.",
                                      num_help="how many images (default: 100)")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num = args.num or 100
-    run = checkpoint["args"]
-    G = Generator(run["z_dim"], run["g_width"])
-    support.load_weights(parser, G, checkpoint["G"], args.run)
+    num, run = args.num or 100, checkpoint["args"]
+    G = support.load_weights(parser, Generator(run["z_dim"], run["g_width"]), checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    G = G.to(args.device)
-    z = sample_z(num, run["z_dim"], args.device)
-    support.write_images(lambda z: sample(G, z), (z,), args.out, args.single, math.ceil(math.sqrt(num)))
-    print(f"wrote {num} samples of step {checkpoint['step']} to {args.out}")
+    draw, draw_z = (lambda z: sample(G, z)), (lambda n: sample_z(n, run["z_dim"], args.device))
+    if args.interpolate or args.nearest:
+        return support.inspect(args, checkpoint, draw, draw_z,
+                               lambda root: load_images(run["dataset"], root, "train", download=False))
+    support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":

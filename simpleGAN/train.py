@@ -173,7 +173,8 @@ def main(argv=None):
                       title=f"simpleGAN on {args.dataset} ({len(images)} training images, 28x28, "
                             f"{steps_per_epoch:g} steps per epoch)",
                       grid=lambda z: vutils.make_grid(sample(G, z), nrow=10, padding=2), folder=FOLDER,
-                      metric=validation_metric, eval_every=round(args.select_every * steps_per_epoch))
+                      metric=validation_metric, eval_every=round(args.select_every * steps_per_epoch),
+                      d_wins=support.Separated(real=("D/real", 1), fake=("D/fake", 0)))
 
     while run.running():
         # official code: lr divided by 1.000004 every minibatch; momentum 0.5 -> 0.7 over 250 epochs

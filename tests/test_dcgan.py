@@ -1,10 +1,12 @@
-"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, and the losses of Alg. 1 by value and gradient."""
+"""DCGAN/: Fig. 1's shapes, the §3 and §4 invariants, the losses of Alg. 1 by value and gradient, and §5.1's
+D features in a linear SVM (--evaluate-features)."""
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import FixedG, PixelSumD, bce, load_folder, sigmoid, small_networks
+from conftest import FixedG, PixelSumD, bce, exits_2, load_folder, quick_run, run_main, sigmoid, small_networks
 
 dcgan = load_folder("DCGAN")
 
@@ -114,3 +116,65 @@ def test_G_loss_and_its_gradient_at_known_logits():
     assert loss.item() == pytest.approx(bce(LOGITS.tolist(), 1))
     assert (LOGITS - G.images.detach().flatten()).tolist() == pytest.approx(
         [(sigmoid(l) - 1) / len(LOGITS) for l in LOGITS.tolist()], abs=1e-6)
+
+
+# --- §5.1: D as a feature extractor (train.py --evaluate-features, features.py) ---------------------------
+
+
+@pytest.mark.parametrize("size, channels", [(32, 1), (64, 3)])
+def test_feature_vector_has_the_size_the_layer_shapes_give(size, channels):
+    """Every conv layer's C x H x W output max-pooled to C x 4 x 4: 16 features per channel, whatever H and W."""
+    torch.manual_seed(0)
+    D, features = dcgan.model.Discriminator(size, channels, width=8).apply(dcgan.model.init_weights).eval(), \
+        dcgan.train.features
+    x = torch.rand(3, channels, size, size) * 2 - 1
+    layer_channels = [8 * 2 ** i for i in range(size.bit_length() - 3)]  # 8, 16, 32 (at 32 px), 64 (at 64 px)
+    with torch.no_grad():
+        vector = features.layer_features(D, x)
+        first, last = D.net[:2](x), D.net(x)
+    assert vector.shape == (3, sum(layer_channels) * 4 * 4)
+    # the first layer (size/2 square) pooled in 4x4 blocks of (size/8)^2; the last layer is 4x4 already
+    block = size // 8
+    pooled = first.view(3, 8, 4, block, 4, block).amax(dim=(3, 5)).flatten(1)
+    assert torch.equal(vector[:, :8 * 16], pooled)
+    assert torch.equal(vector[:, -layer_channels[-1] * 16:], last.flatten(1))
+
+
+def quadrant_images(n, seed):
+    """4 classes: class k is a bright 8x8 square in quadrant k of a 32x32 image of noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.randint(0, 60, (n, 1, 32, 32), generator=generator, dtype=torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        row, col = 16 * (k // 2) + 4, 16 * (k % 2) + 4
+        images[i, :, row:row + 8, col:col + 8] = 255
+    return images, labels
+
+
+def test_svm_on_features_that_separate_the_classes_scores_high():
+    features = dcgan.train.features
+    torch.manual_seed(0)
+    D = dcgan.model.Discriminator(32, 1, width=8).apply(dcgan.model.init_weights)
+    (train_x, train_y), (test_x, test_y) = quadrant_images(200, 1), quadrant_images(200, 2)
+    train_f, test_f = features.d_features(D, train_x, "cpu"), features.d_features(D, test_x, "cpu")
+    assert features.svm_accuracy(train_f, train_y, test_f, test_y, 0.01, 0) > 0.95
+    # the same SVM learns nothing from labels that carry no class: near chance (0.25)
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))]
+    assert features.svm_accuracy(train_f, shuffled, test_f, test_y, 0.01, 0) < 0.5
+
+
+def test_evaluate_features_writes_three_accuracies_beside_an_evaluate_record(mnist_root, tmp_path, capsys):
+    run = quick_run("DCGAN", mnist_root, tmp_path / "run", "--max-steps", 1)
+    (run / "metrics.json").write_text(json.dumps({"fid": 12.5}))
+    assert run_main(dcgan.train, "--evaluate-features", run, "--svm-train-images", 300) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fid"] == 12.5  # the --evaluate record is kept
+    record = metrics["feature_svm"]
+    # width 8 at 32 px: (8 + 16 + 32) channels x 4 x 4; the pixels: 32 x 32
+    assert {name: record[name]["features"] for name in ("trained_D", "random_D", "pixels")} == \
+        {"trained_D": 896, "random_D": 896, "pixels": 1024}
+    assert all(0.3 < record[name]["test_accuracy"] <= 1 for name in ("trained_D", "random_D", "pixels"))
+    assert record["protocol"]["svm_train_images"] == 300 and record["protocol"]["dataset"] == "mnist"
+    assert "test accuracy" in capsys.readouterr().out
+    line = exits_2(capsys, dcgan.train, "--evaluate-features", run, "--width", 16)
+    assert "--width cannot change" in line

@@ -112,8 +112,9 @@ def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_mnist_r
     capsys.readouterr()
     assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR) == 0
     out = capsys.readouterr().out
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert set(snapshot(run)) - set(before) == {"metrics.json"}
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert set(snapshot(run)) - set(before) == {"metrics.json"} and set(recorded) == {"last"}  # no best.pt kept
+    metrics = recorded["last"]
     assert f"FID: {metrics['fid']:.3f}" in out
     assert f"Inception Score: {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}" in out
     assert f"KID: {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}" in out
@@ -122,6 +123,7 @@ def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_mnist_r
     assert (metrics["dataset"], metrics["image_size"], metrics["real_split"], metrics["real_images"]) == \
         ("mnist", 32, "train", 600)
     assert metrics["torch_fidelity"] == torch_fidelity_version and metrics["feature_extractor"] == EXTRACTOR
+    assert EXTRACTOR in metrics["feature_extractor_weights"] and metrics["seed"] == 0
     assert metrics["z_prior"] == gan.train.Z_PRIOR and metrics["isc_splits"] == 10
     assert (metrics["kid_subsets"], metrics["kid_subset_size"]) == (100, 100)
     scores = [metrics[k] for k in ("inception_score", "inception_score_std", "fid", "kid", "kid_std")]
@@ -129,10 +131,10 @@ def test_evaluate_prints_the_scores_and_writes_metrics_json(folder, tiny_mnist_r
 
     # the same command gives the same numbers; the test split gives others
     assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR) == 0
-    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert json.loads((run / "metrics.json").read_text()) == recorded
     assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR,
                     "--eval-real", "test") == 0
-    test = json.loads((run / "metrics.json").read_text())
+    test = json.loads((run / "metrics.json").read_text())["last"]
     assert (test["real_split"], test["real_images"]) == ("test", 200) and test["fid"] != metrics["fid"]
 
 
@@ -251,3 +253,35 @@ def test_bad_evaluate_input_exits_2_and_leaves_the_run_untouched(dcgan_run, tiny
     # model.py: a best.pt that was never written (other files that are not checkpoints: test_faults.py)
     assert "best.pt" in exits_2(capsys, gan.model, dcgan_run, "--checkpoint", "best", "--device", "cpu")
     assert snapshot(dcgan_run) == before
+
+
+def test_evaluate_scores_best_and_last_when_the_run_kept_both(tiny_mnist_root, tmp_path, capsys):
+    gan = load_folder("DCGAN")
+    run = quick_run("DCGAN", tiny_mnist_root, tmp_path / "run", "--max-steps", 4, "--eval-every", 2,
+                    "--eval-every-samples", 50, "--feature-extractor", EXTRACTOR)
+    best = load_checkpoint(run, "best.pt")
+    if best["step"] == 4:  # the best FID at the last step: make best.pt an earlier, different G
+        assert run_main(gan.train, "--resume", run, "--max-steps", 6) == 0
+    capsys.readouterr()
+    assert run_main(gan.train, "--evaluate", run, "--eval-samples", 100, "--feature-extractor", EXTRACTOR,
+                    "--seed", 3) == 0
+    out = capsys.readouterr().out
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert set(recorded) == {"best", "last"}
+    steps = {name: load_checkpoint(run, f"{name}.pt")["step"] for name in recorded}
+    assert steps["best"] < steps["last"]
+    for name, record in recorded.items():
+        assert record["checkpoint"] == str((run / "checkpoints" / f"{name}.pt").resolve())
+        assert record["step"] == steps[name] and f"{name} = {run / 'checkpoints' / name}.pt (step {steps[name]})" in out
+        assert f"{name}: Inception Score: {record['inception_score']:.3f}" in out
+        assert f"FID: {record['fid']:.3f}; KID: {record['kid']:.5f}" in out
+        assert (record["samples"], record["dataset"], record["real_split"], record["real_images"]) == \
+            (100, "mnist", "train", 600)
+        assert (record["image_size"], record["seed"], record["feature_extractor"]) == (32, 3, EXTRACTOR)
+        assert record["z_prior"] == gan.train.Z_PRIOR and math.isfinite(record["fid"])
+    assert recorded["best"]["fid"] != recorded["last"]["fid"]  # two different G's, each scored
+    # a checkpoint file given: that one alone, its record replaced; the others' records (another command's) are kept
+    (run / "metrics.json").write_text(json.dumps({**recorded, "last": {"fid": -1}, "spectra": {"kept": True}}))
+    assert run_main(gan.train, "--evaluate", run / "checkpoints" / "last.pt", "--eval-samples", 100,
+                    "--feature-extractor", EXTRACTOR, "--seed", 3) == 0
+    assert json.loads((run / "metrics.json").read_text()) == {**recorded, "spectra": {"kept": True}}

@@ -14,7 +14,7 @@ folders = {name: load_folder(name) for name in CONVOLUTIONAL}
 RUN_FLAGS = {"help", "data_root", "max_steps", "device", "seed", "out", "resume", "sample_every", "log_every",
              "checkpoint_every", "evaluate", "eval_every", "precision", "compile", "data_on", "cache_dir",
              "eval_samples", "eval_every_samples", "eval_real", "feature_extractor",
-             "evaluate_at_end", "channels_last"}
+             "evaluate_at_end", "channels_last", "evaluate_features", "evaluate_spectra"}
 
 # Every hyperparameter flag's default; the flag's help names its source (the paper; the official code where the
 # paper is silent), and the test below sees that it does.
@@ -27,15 +27,15 @@ DEFAULTS = {
                  min_lr=1e-06, momentum=0.5, final_momentum=0.7, momentum_saturate=250, dropout=0.5, z_dim=100,
                  epochs=576, select_every=5, sampling_dropout=True, parzen_per_class=False, parzen_valid=1000),
     "DCGAN": dict(dataset="cifar10", image_size=64, batch_size=128, lr=0.0002, beta1=0.5, beta2=0.999,
-                  weight_decay=0.0, z_dim=100, width=128, epochs=25, lsun_classes=["bedroom_train"]),
+                  weight_decay=0.0, z_dim=100, width=128, epochs=25, lsun_classes=["bedroom_train"], svm_train_images=None, svm_c=0.001),
     "WGAN": dict(dataset="cifar10", image_size=64, batch_size=64, lr=5e-05, clip=0.01, n_critic=5, critic_warmup=True,
-                 z_dim=100, width=64, iters=None, lsun_classes=["bedroom_train"]),
+                 z_dim=100, width=64, iters=None, lsun_classes=["bedroom_train"], generator="dcgan"),
     "WGAN-GP": dict(dataset="cifar10", image_size=32, batch_size=64, lr=0.0001, beta1=0.0, beta2=0.9, lambda_gp=10.0,
-                    n_critic=5, z_dim=128, width=128, iters=200_000),
+                    n_critic=5, z_dim=128, width=128, iters=200_000, train_subset=None),
     "LSGAN": dict(dataset="cifar10", image_size=32, coding="0-1", batch_size=64, lr=0.001, beta1=0.5, beta2=0.999,
                   z_dim=1024, width=64, iters=1_000_000, lsun_classes=["bedroom_train"]),
     "SN-DCGAN": dict(dataset="cifar10", image_size=32, batch_size=64, setting="B", lr=None, beta1=None, beta2=None,
-                     n_dis=None, loss="standard", z_dim=128, width=64, iters=100_000),
+                     n_dis=None, loss="standard", z_dim=128, width=64, iters=100_000, no_sn=False),
 }
 # What a help text says to name a source.
 CITATIONS = ("§", "Alg.", "Fig.", "Table", "Eq.", "App.", "figure", "paper", "official")

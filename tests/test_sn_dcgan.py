@@ -1,6 +1,7 @@
 """SN-DCGAN/: Table 3's shapes, spectral normalisation (§2.1, Appendix A), §4's losses by value and gradient,
-Table 1's settings, and Fig. 9's sigmas in a run."""
+Table 1's settings, Fig. 9's sigmas in a run, and Fig. 3's spectra with --no-sn as the comparison."""
 import copy
+import json
 import math
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import (assert_image_shapes, bce, frozen_d_update, frozen_g_update, linear_pair, load_folder, sigmoid,
-                      small_networks, two_logged_steps, value_and_grads)
+from conftest import (QUICK, assert_image_shapes, bce, exits_2, frozen_d_update, frozen_g_update, linear_pair,
+                      load_checkpoint, load_folder, run_main, sigmoid, small_networks, two_logged_steps, value_and_grads)
 
 sn_dcgan = load_folder("SN-DCGAN")
 model, train = sn_dcgan.model, sn_dcgan.train
@@ -228,3 +229,64 @@ def test_run_draws_n_dis_real_batches_per_step_and_logs_fig_9s_sigmas(mnist_root
     for name in LAYER_NAMES:
         assert [s for s, _ in tags[f"sn/sigma_{name}"]] == [1, 2]
         assert all(abs(sigma - 1) < 0.1 for _, sigma in tags[f"sn/sigma_{name}"])
+
+
+# --- Fig. 3: the singular values of D's layers, with and without spectral normalisation -------------------------
+
+def test_spectrum_of_a_normalized_layer_has_largest_value_one_after_power_iterations():
+    D = model.Discriminator(32, 1, width=8)
+    with torch.no_grad():
+        for layer in normalized(D):
+            layer.parametrizations.weight.original.mul_(7.0)  # raw sigmas far from 1; u must catch up
+        for _ in range(30):  # one power iteration per training forward (Alg. 1)
+            D(torch.rand(2, 1, 32, 32))
+    values = model.singular_values(D)
+    assert list(values) == LAYER_NAMES
+    D.eval()
+    for layer, s in zip(normalized(D), values.values()):
+        W = layer.weight.flatten(1)  # W / sigma(W) as the forward uses it, a convolution as d_out x (d_in h w)
+        assert len(s) == min(W.shape) and torch.all(s[:-1] >= s[1:])
+        assert abs(s[0].item() - 1) < 0.02, s[0]
+        assert torch.allclose(s.float(), torch.linalg.svdvals(W), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def no_sn_run(mnist_root, tmp_path_factory):
+    """A tiny run with --no-sn: one generator step."""
+    run = tmp_path_factory.mktemp("no_sn") / "run"
+    assert run_main(train, *QUICK["SN-DCGAN"], "--data-root", mnist_root, "--out", run, "--no-sn",
+                    "--max-steps", 1) == 0
+    return run
+
+
+def test_no_sn_builds_a_plain_D_that_trains_and_resumes(no_sn_run):
+    D = model.Discriminator(32, 1, width=8, spectral=False)
+    assert not any(parametrize.is_parametrized(m) for m in D.modules()) and len(D.normalized_layers()) == 8
+    checkpoint = load_checkpoint(no_sn_run)
+    assert checkpoint["args"]["no_sn"] is True and checkpoint["step"] == 1
+    assert not any("parametrizations" in key for key in checkpoint["D"])  # plain weight tensors, no u or v
+    # --resume reads --no-sn from the checkpoint: an SN D could not load these weights
+    assert run_main(train, "--resume", no_sn_run, "--max-steps", 2) == 0
+    assert load_checkpoint(no_sn_run)["step"] == 2
+
+
+def test_evaluate_spectra_writes_the_figure_and_merges_the_numbers(no_sn_run, capsys):
+    (no_sn_run / "metrics.json").write_text('{"fid": 12.5}')
+    capsys.readouterr()
+    assert run_main(train, "--evaluate-spectra", no_sn_run) == 0
+    printed = capsys.readouterr().out
+    assert (no_sn_run / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((no_sn_run / "metrics.json").read_text())
+    assert metrics["fid"] == 12.5  # another evaluation's record stays
+    record = metrics["spectra"]
+    assert record["spectral_norm"] is False and list(record["layers"]) == LAYER_NAMES
+    D = model.Discriminator(32, 1, width=8, spectral=False)
+    D.load_state_dict(load_checkpoint(no_sn_run)["D"])
+    for name, layer in D.normalized_layers():
+        s = torch.linalg.svdvals(layer.weight.detach().flatten(1).double())
+        assert record["layers"][name]["largest"] == pytest.approx(s[0].item(), rel=1e-6)
+        share = ((s / s[0]) ** 2 > 0.1).double().mean().item()
+        assert record["layers"][name]["share_squared_above"] == pytest.approx(share)
+        assert f"{s[0].item():.4f}" in printed
+    # everything comes from the run: another flag next to it is refused in one line
+    assert "--width" in exits_2(capsys, train, "--evaluate-spectra", no_sn_run, "--width", 4)

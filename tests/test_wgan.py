@@ -1,12 +1,14 @@
 """WGAN/: the official networks, Algorithm 1's losses by value and gradient, the clip after the update, RMSProp
-without momentum, the official critic schedule and length, and the critic iterations of a run."""
+without momentum, the official critic schedule and length, the critic iterations of a run, and §4.3's three
+generators (--generator)."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import frozen_d_update, frozen_g_update, linear_pair, load_folder, small_networks, two_logged_steps
+from conftest import (frozen_d_update, frozen_g_update, linear_pair, load_checkpoint, load_folder, quick_run, run_main,
+                      small_networks, two_logged_steps)
 
 wgan = load_folder("WGAN")
 
@@ -101,3 +103,60 @@ def test_run_draws_a_real_batch_per_critic_iteration_and_keeps_the_clip(mnist_ro
     assert [s for s, _ in tags["wasserstein/estimate"]] == [1, 2]
     for (_, w), (_, loss_D) in zip(tags["wasserstein/estimate"], tags["loss/D"]):
         assert w == pytest.approx(-loss_D)
+
+
+def run_args(generator, size, channels=1, width=8):
+    return {"generator": generator, "image_size": size, "channels": channels, "z_dim": 100, "width": width}
+
+
+@pytest.mark.parametrize("generator", ["dcgan", "nobn", "mlp"])
+@pytest.mark.parametrize("size, channels", [(32, 1), (64, 3)])
+def test_each_generator_makes_images_the_critic_scores(generator, size, channels):
+    torch.manual_seed(0)
+    G = wgan.model.build_generator(run_args(generator, size, channels))
+    D = wgan.model.Critic(size, channels, width=8)
+    images = G(wgan.model.sample_z(5))
+    assert images.shape == (5, channels, size, size)
+    assert D(images).shape == (5,)
+    assert images.std(0).mean() > 0  # each z gives its own image
+
+
+def test_nobn_has_no_batch_norm_and_a_constant_filter_count():
+    G = wgan.model.build_generator(run_args("nobn", 64, 3, width=64))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules())
+    ups = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    # Fig. 6: 64 filters at 4x4, 8x8, 16x16 and 32x32 (DCGAN: 512, 256, 128, 64), then the image
+    assert [(m.in_channels, m.out_channels) for m in ups] == [(100, 64), (64, 64), (64, 64), (64, 64), (64, 3)]
+    assert isinstance(list(G)[-1], nn.Tanh)
+    # Fig. 6's caption: "a bit more than an order of magnitude" fewer parameters than the DCGAN generator
+    dcgan = wgan.model.build_generator(run_args("dcgan", 64, 3, width=64))
+    ratio = sum(w.numel() for w in dcgan.parameters()) / sum(w.numel() for w in G.parameters())
+    assert 10 < ratio < 15
+
+
+def test_mlp_has_4_hidden_relu_layers_of_512_and_no_convolution():
+    G = wgan.model.build_generator(run_args("mlp", 32))
+    linears = [m for m in G.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(100, 512)] + [(512, 512)] * 3 + [(512, 32 * 32)]
+    assert sum(isinstance(m, nn.ReLU) for m in G.modules()) == 4
+    assert not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Tanh)) for m in G.modules())  # official MLP_G
+
+
+def test_a_run_without_the_flag_builds_the_dcgan_generator():
+    args = run_args("dcgan", 32)
+    del args["generator"]  # a checkpoint written before --generator existed
+    assert type(wgan.model.build_generator(args)) is wgan.model.Generator
+
+
+def test_mlp_run_trains_and_resume_and_sampling_rebuild_the_mlp(tiny_mnist_root, tmp_path):
+    run = quick_run("WGAN", tiny_mnist_root, tmp_path / "run", "--generator", "mlp", "--max-steps", 1)
+    first = load_checkpoint(run)
+    assert first["args"]["generator"] == "mlp" and first["step"] == 1
+    assert first["G"]["0.weight"].shape == (512, 100)
+    # --resume reads the choice from the checkpoint: the MLP's weights load only into an MLP
+    assert run_main(wgan.train, "--resume", run, "--max-steps", 2) == 0
+    resumed = load_checkpoint(run)
+    assert resumed["step"] == 2 and resumed["args"]["generator"] == "mlp"
+    assert not torch.equal(resumed["G"]["0.weight"], first["G"]["0.weight"])  # it trained on
+    assert run_main(wgan.model, run, "--num", 4, "--out", tmp_path / "grid.png") == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0

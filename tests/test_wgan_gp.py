@@ -1,12 +1,13 @@
 """WGAN-GP/: Algorithm 1's penalty and losses by value and gradient, eps per sample, the whole-sample norm, a critic
-without normalisation or cross-sample coupling (§4), the official networks and init, and the critic steps of a run."""
+without normalisation or cross-sample coupling (§4), the official networks and init, the critic steps of a run, and
+§5.6's --train-subset: a seeded subset kept by --resume, and the estimate on held-out images that changes no training."""
 import math
 
 import torch
 from torch import nn
 
-from conftest import (LinearD, frozen_d_update, frozen_g_update, linear_pair, load_folder, small_networks,
-                      two_logged_steps)
+from conftest import (QUICK, LinearD, assert_same_networks, exits_2, frozen_d_update, frozen_g_update, linear_pair,
+                      load_checkpoint, load_folder, quick_run, run_main, scalar_tags, small_networks, two_logged_steps)
 
 wgan_gp = load_folder("WGAN-GP")
 NORMALISATION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
@@ -141,3 +142,48 @@ def test_run_draws_n_critic_real_batches_per_generator_iteration_and_logs_the_pe
     assert checkpoint["batches"] == {"epoch": 0, "index": 2 * 3}  # Alg. 1 line 4: a fresh x each time
     assert [s for s, _ in tags["penalty/gp"]] == [1, 2] and all(gp >= 0 for _, gp in tags["penalty/gp"])
     assert [s for s, _ in tags["wasserstein/estimate"]] == [1, 2]
+
+
+def test_train_subset_has_n_images_fixed_by_the_seed_and_holds_out_the_others():
+    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 1, 2, 2)  # image i is all i
+    train, valid, split = wgan_gp.dataset.subset(images, 50, 30, seed=3)
+    assert len(train) == 50 and torch.equal(train, images[split["subset"]])
+    assert len(valid) == 30 and torch.equal(valid, wgan_gp.dataset.to_tanh_range(images[split["valid"]]))
+    assert not set(split["subset"].tolist()) & set(split["valid"].tolist())  # held out: none of them is trained on
+    again, other = wgan_gp.dataset.subset(images, 50, 30, seed=3)[2], wgan_gp.dataset.subset(images, 50, 30, seed=4)[2]
+    assert torch.equal(again["subset"], split["subset"]) and torch.equal(again["valid"], split["valid"])
+    assert set(other["subset"].tolist()) != set(split["subset"].tolist())
+
+
+def test_subset_run_logs_the_held_out_estimate_and_resume_keeps_the_recorded_subset(tiny_mnist_root, tmp_path):
+    run = quick_run("WGAN-GP", tiny_mnist_root, tmp_path / "run", "--train-subset", 40, "--max-steps", 2,
+                    "--log-every", 1)
+    split = load_checkpoint(run)["batches"]["split"]
+    assert len(split["subset"]) == 40 and len(split["valid"]) == wgan_gp.train.VALID_BATCHES * 8  # --batch-size 8
+    assert not set(split["subset"].tolist()) & set(split["valid"].tolist())
+    assert [step for step, _ in scalar_tags(run)["wasserstein/estimate_valid"]] == [1, 2]
+    # --resume trains on the subset the checkpoint recorded, not on one drawn anew: plant another one there
+    checkpoint = load_checkpoint(run)
+    planted = {"subset": torch.arange(40), "valid": torch.arange(40, 120)}
+    checkpoint["batches"]["split"] = planted
+    torch.save(checkpoint, run / "checkpoints" / "last.pt")
+    assert run_main(wgan_gp.train, "--resume", run, "--max-steps", 3) == 0
+    resumed = load_checkpoint(run)
+    assert resumed["step"] == 3 and all(torch.equal(resumed["batches"]["split"][k], planted[k]) for k in planted)
+
+
+def test_held_out_estimate_changes_no_random_stream_weight_or_statistic(tiny_mnist_root, tmp_path, monkeypatch):
+    flags = ("--train-subset", 40, "--max-steps", 3, "--log-every", 1)
+    with_valid = quick_run("WGAN-GP", tiny_mnist_root, tmp_path / "with", *flags)
+    monkeypatch.setattr(wgan_gp.train, "wasserstein_valid", lambda *args: 0.0)
+    without_valid = quick_run("WGAN-GP", tiny_mnist_root, tmp_path / "without", *flags)
+    a, b = load_checkpoint(with_valid), load_checkpoint(without_valid)
+    assert_same_networks(a, b)  # every weight and G's batch-norm statistics
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert scalar_tags(with_valid)["loss/D"] == scalar_tags(without_valid)["loss/D"]
+
+
+def test_train_subset_must_leave_images_out_and_fill_a_batch(tiny_mnist_root, tmp_path, capsys):
+    quick = (*QUICK["WGAN-GP"], "--data-root", tiny_mnist_root, "--out", tmp_path / "run")
+    assert "held out" in exits_2(capsys, wgan_gp.train, *quick, "--train-subset", 600)  # the tiny set's 600 images
+    assert "--train-subset must be at least 8" in exits_2(capsys, wgan_gp.train, *quick, "--train-subset", 4)
