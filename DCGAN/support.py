@@ -6,6 +6,7 @@ In order: errors and flags; checkpoints; --resume and --evaluate; speed; the tra
 command; IS, FID and KID; MNIST's files; decoding and caching images; where the set is kept, and the batches.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import fcntl
@@ -556,14 +557,15 @@ class RunsAway:
     magnitude it had up to HEALTH_STRETCH steps earlier."""
 
     def __init__(self, name):
-        self.name, self.history = name, []
+        self.name, self.recent, self.peak = name, collections.deque(), None  # peak: the largest a stretch earlier
 
     def __call__(self, scalars, step):
         value = scalars[self.name]
-        self.history.append((step, abs(value)))
-        earlier = [size for at, size in self.history if at <= step - HEALTH_STRETCH]
-        if not math.isfinite(value) or (earlier and abs(value) > RUNAWAY_GROWTH * max(earlier)):
-            peak = f"; at most {max(earlier):.4g} until step {step - HEALTH_STRETCH}" if earlier else ""
+        self.recent.append((step, abs(value)))
+        while self.recent[0][0] <= step - HEALTH_STRETCH:
+            self.peak = max(self.peak or 0.0, self.recent.popleft()[1])
+        if not math.isfinite(value) or (self.peak is not None and abs(value) > RUNAWAY_GROWTH * self.peak):
+            peak = f"; at most {self.peak:.4g} until step {step - HEALTH_STRETCH}" if self.peak is not None else ""
             return f"the critic's {self.name} runs away: {value:.4g}{peak}"
         return None
 

@@ -105,10 +105,11 @@ def test_ctrl_c_during_a_decode_is_one_line_and_the_next_start_continues(tmp_pat
     rng = np.random.default_rng(0)
     for i in range(3000):
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
-    flags = [*QUICK["DCGAN"][2:], "--dataset", "folder", "--data-root", images, "--max-steps", 1]
+    cache = tmp_path / "cache"  # its own folder: watching it is quick, so the short decode is not missed
+    flags = [*QUICK["DCGAN"][2:], "--dataset", "folder", "--data-root", images, "--cache-dir", cache, "--max-steps", 1]
     # a terminal's Ctrl-C: SIGINT to the whole process group, the decoding processes included
     process = train(*flags, "--out", tmp_path / "first", start_new_session=True)
-    while process.poll() is None and not any(p.stat().st_size for p in images.glob(".decoded-*.partial")):
+    while process.poll() is None and not any(p.stat().st_size for p in cache.glob("*.partial")):
         time.sleep(0.01)  # until the first chunk is written: the decoding processes are running
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -122,7 +123,7 @@ def test_ctrl_c_during_a_decode_is_one_line_and_the_next_start_continues(tmp_pat
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert f"{done}/3000" in err  # the progress bar starts where the first decode stopped
-    assert dcgan.dataset.load_images("folder", images, 32).shape == (3000, 3, 32, 32)
+    assert dcgan.dataset.load_images("folder", images, 32, cache).shape == (3000, 3, 32, 32)
 
 
 def test_a_run_holds_its_folder_until_it_ends_even_by_kill_9(tiny_mnist_root, tmp_path, capsys):
