@@ -49,9 +49,14 @@ def down(in_channels, out_channels):
 
 def stages(image_size):
     """Stride-2 layers between 4x4 and the image: 4 at 64 px (Fig. 1), 3 at 32 px."""
-    if image_size not in (32, 64):
-        raise ValueError(f"image size must be 32 or 64, got {image_size}")
+    if image_size not in (32, 64, 128, 256):
+        raise ValueError(f"image size must be 32, 64, 128 or 256, got {image_size}")
     return int(math.log2(image_size)) - 2
+
+
+def filters(width, i):
+    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's deepest), then constant."""
+    return width * 2 ** min(i, 3)
 
 
 class Generator(nn.Module):
@@ -60,14 +65,14 @@ class Generator(nn.Module):
     def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()
         n = stages(image_size)
-        top = width * 2 ** (n - 1)
+        top = filters(width, n - 1)
         self.top = top
         # Fig. 1 "project and reshape"; batch norm on the projected vector (official code)
         self.project = nn.Sequential(nn.Linear(z_dim, top * 4 * 4, bias=False), nn.BatchNorm1d(top * 4 * 4), nn.ReLU())
         layers = []
-        for i in range(n - 1):
-            c = top // 2 ** i
-            layers += [up(c, c // 2), nn.BatchNorm2d(c // 2), nn.ReLU()]
+        for i in reversed(range(1, n)):
+            c, c_out = filters(width, i), filters(width, i - 1)
+            layers += [up(c, c_out), nn.BatchNorm2d(c_out), nn.ReLU()]
         # §3: no batch norm on G's output layer, and tanh there
         layers += [up(width, channels), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -89,11 +94,11 @@ class Discriminator(nn.Module):
         # §3: no batch norm on D's input layer
         layers = [down(channels, width), nn.LeakyReLU(0.2)]
         for i in range(n - 1):
-            c = width * 2 ** i
-            layers += [down(c, 2 * c), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+            c, c_out = filters(width, i), filters(width, i + 1)
+            layers += [down(c, c_out), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
         # §3: no hidden fully connected layer; the last conv features are flattened into one logit
-        self.logit = nn.Linear(width * 2 ** (n - 1) * 4 * 4, 1, bias=False)
+        self.logit = nn.Linear(filters(width, n - 1) * 4 * 4, 1, bias=False)
 
     def forward(self, x):
         return self.logit(self.net(x).flatten(1)).squeeze(1)

@@ -113,7 +113,8 @@ def build_parser():
     p.add_argument("--lsun-classes", nargs="+", default=list(LSUN_CLASSES), metavar="SET",
                    help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun; §4.1: the LSUN bedrooms")
     support.add_image_data_flags(p)
-    p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="Fig. 1: 64x64")
+    p.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128, 256),
+                   help="Fig. 1: 64x64; 32 to 256 add or remove a stride-2 layer in G and D per doubling")
     p.add_argument("--batch-size", type=int, default=128, help="§4: mini-batch size of 128")
     p.add_argument("--lr", type=float, default=2e-4, help="§4: Adam learning rate 0.0002")
     p.add_argument("--beta1", type=float, default=0.5, help="§4: Adam momentum term beta1 0.5")

@@ -47,9 +47,14 @@ def down(in_channels, out_channels):
 
 def stages(image_size):
     """Stride-2 layers between 4x4 and the image: 3 at 32 px (official code), 4 at 64 px."""
-    if image_size not in (32, 64):
-        raise ValueError(f"image size must be 32 or 64, got {image_size}")
+    if image_size not in (32, 64, 128, 256):
+        raise ValueError(f"image size must be 32, 64, 128 or 256, got {image_size}")
     return int(math.log2(image_size)) - 2
+
+
+def filters(width, i):
+    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's deepest), then constant."""
+    return width * 2 ** min(i, 3)
 
 
 class Generator(nn.Module):
@@ -61,15 +66,15 @@ class Generator(nn.Module):
     def __init__(self, image_size=32, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()
         n = stages(image_size)
-        top = width * 2 ** (n - 1)
+        top = filters(width, n - 1)
         self.top = top
         # official code: Generator.Input (linear), Generator.BN1, ReLU
         self.project = nn.Sequential(nn.Linear(z_dim, top * 4 * 4), nn.BatchNorm1d(top * 4 * 4), nn.ReLU())
         layers = []
-        for i in range(n - 1):
-            c = top // 2 ** i
+        for i in reversed(range(1, n)):
+            c, c_out = filters(width, i), filters(width, i - 1)
             # official code: Generator.2, Generator.3: transposed conv, batch norm, ReLU
-            layers += [up(c, c // 2), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            layers += [up(c, c_out), nn.BatchNorm2d(c_out), nn.ReLU()]
         # official code: Generator.5, no batch norm, tanh
         layers += [up(width, channels), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -90,12 +95,12 @@ class Critic(nn.Module):
         n = stages(image_size)
         layers = []
         for i in range(n):
-            c_in = channels if i == 0 else width * 2 ** (i - 1)
+            c_in = channels if i == 0 else filters(width, i - 1)
             # official code: Discriminator.1, .2, .3: conv, LeakyReLU(0.2); BN only in MODE 'wgan'
-            layers += [down(c_in, width * 2 ** i), nn.LeakyReLU(0.2)]
+            layers += [down(c_in, filters(width, i)), nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
         # official code: Discriminator.Output, linear 4*4*4*DIM -> 1
-        self.score = nn.Linear(width * 2 ** (n - 1) * 4 * 4, 1)
+        self.score = nn.Linear(filters(width, n - 1) * 4 * 4, 1)
 
     def forward(self, x):
         return self.score(self.net(x).flatten(1)).squeeze(1)

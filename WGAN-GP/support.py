@@ -1360,9 +1360,11 @@ class Decodable(torch.utils.data.Dataset):
 
 
 def stack_decoded(items):
-    """A chunk of Decodable items: the images stacked (or None), the problems, and the number of items."""
-    images = [image for image, _ in items if image is not None]
-    return (torch.stack(images) if images else None), [why for _, why in items if why is not None], len(items)
+    """A chunk of Decodable items: the images stacked (or None), the problems, and the number of items. The images
+    travel as a numpy array, pickled through the worker's pipe: a tensor would be handed over as a shared file
+    descriptor, whose handshake a Ctrl-C can cut, and the main process would print that as a traceback."""
+    images = [image.numpy() for image, _ in items if image is not None]
+    return (np.stack(images) if images else None), [why for _, why in items if why is not None], len(items)
 
 
 def decode_once(what, home, identity, dataset, image_size, cache_dir):
@@ -1439,7 +1441,7 @@ def decode_into(what, dataset, stem, image_size):
             try:
                 for chunk, (images, problems, count) in enumerate(loader, 1):
                     if images is not None:
-                        file.write(images.contiguous().numpy().data)
+                        file.write(np.ascontiguousarray(images).data)
                     progress = {"done": progress["done"] + count, "rows": progress["rows"] + count - len(problems),
                                 "skipped": progress["skipped"] + problems}
                     bar.update(count)

@@ -160,8 +160,8 @@ def build_parser():
     p.add_argument("--dataset", default="cifar10", choices=DATASETS,
                    help="training data; official code: gan_cifar.py trains on CIFAR-10 (§5.3, Fig. 3)")
     support.add_image_data_flags(p)
-    p.add_argument("--image-size", type=int, default=32, choices=(32, 64),
-                   help="official code: gan_cifar.py, 32x32 (64 adds one stride-2 layer to G and D)")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64, 128, 256),
+                   help="official code: gan_cifar.py, 32x32 (each doubling up to 256 adds a stride-2 layer to G and D)")
     p.add_argument("--batch-size", type=int, default=64, help="Alg. 1: m; official code: BATCH_SIZE = 64")
     p.add_argument("--lr", type=float, default=1e-4, help="Alg. 1: Adam alpha = 0.0001")
     p.add_argument("--beta1", type=float, default=0.0,

@@ -46,9 +46,14 @@ def down(in_channels, out_channels):
 
 def stages(image_size):
     """Stride-2 layers between 4x4 and the image: 4 at 64 px (the paper's size), 3 at 32 px."""
-    if image_size not in (32, 64):
-        raise ValueError(f"image size must be 32 or 64, got {image_size}")
+    if image_size not in (32, 64, 128, 256):
+        raise ValueError(f"image size must be 32, 64, 128 or 256, got {image_size}")
     return int(math.log2(image_size)) - 2
+
+
+def filters(width, i):
+    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's deepest), then constant."""
+    return width * 2 ** min(i, 3)
 
 
 class Generator(nn.Module):
@@ -57,12 +62,12 @@ class Generator(nn.Module):
     def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()
         n = stages(image_size)
-        top = width * 2 ** (n - 1)
+        top = filters(width, n - 1)
         # z seen as a 1x1 image, projected to 4x4 by a 4x4 transposed convolution; batch norm per channel
         layers = [nn.ConvTranspose2d(z_dim, top, 4, stride=1, padding=0, bias=False), nn.BatchNorm2d(top), nn.ReLU()]
-        for i in range(n - 1):
-            c = top // 2 ** i
-            layers += [up(c, c // 2), nn.BatchNorm2d(c // 2), nn.ReLU()]
+        for i in reversed(range(1, n)):
+            c, c_out = filters(width, i), filters(width, i - 1)
+            layers += [up(c, c_out), nn.BatchNorm2d(c_out), nn.ReLU()]
         # DCGAN: no batch norm on G's output layer, and tanh there
         layers += [up(width, channels), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -118,11 +123,11 @@ class Critic(nn.Module):
         # DCGAN: no batch norm on the critic's input layer
         layers = [down(channels, width), nn.LeakyReLU(0.2)]
         for i in range(n - 1):
-            c = width * 2 ** i
-            layers += [down(c, 2 * c), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+            c, c_out = filters(width, i), filters(width, i + 1)
+            layers += [down(c, c_out), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
         # official code: a 4x4 convolution without padding turns the 4x4 feature map into one number
-        self.score = nn.Conv2d(width * 2 ** (n - 1), 1, 4, stride=1, padding=0, bias=False)
+        self.score = nn.Conv2d(filters(width, n - 1), 1, 4, stride=1, padding=0, bias=False)
 
     def forward(self, x):
         return self.score(self.net(x)).flatten()

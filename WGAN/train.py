@@ -162,7 +162,8 @@ def build_parser():
     p.add_argument("--lsun-classes", nargs="+", default=list(LSUN_CLASSES), metavar="SET",
                    help="with --dataset lsun: LSUN sets under DATA_ROOT/lsun; §4.1: the LSUN bedrooms")
     support.add_image_data_flags(p)
-    p.add_argument("--image-size", type=int, default=64, choices=(32, 64), help="§4.1: 64x64 pixels")
+    p.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128, 256),
+                   help="§4.1: 64x64 pixels; 32 to 256 add or remove a stride-2 layer in G and D per doubling")
     p.add_argument("--batch-size", type=int, default=64, help="Alg. 1: m = 64")
     p.add_argument("--lr", type=float, default=5e-5, help="Alg. 1: alpha = 0.00005, RMSProp for critic and G")
     p.add_argument("--clip", type=float, default=0.01, help="Alg. 1: c = 0.01; critic weights live in [-c, c]")

@@ -108,7 +108,9 @@ def test_ctrl_c_during_a_decode_is_one_line_and_the_next_start_continues(tmp_pat
     cache = tmp_path / "cache"  # its own folder: watching it is quick, so the short decode is not missed
     flags = [*QUICK["DCGAN"][2:], "--dataset", "folder", "--data-root", images, "--cache-dir", cache, "--max-steps", 1]
     # a terminal's Ctrl-C: SIGINT to the whole process group, the decoding processes included
-    process = train(*flags, "--out", tmp_path / "first", start_new_session=True)
+    # SIGINT at its default, as in a terminal (a shell starts its background jobs with SIGINT ignored)
+    process = train(*flags, "--out", tmp_path / "first", start_new_session=True,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while process.poll() is None and not any(p.stat().st_size for p in cache.glob("*.partial")):
         time.sleep(0.01)  # until the first chunk is written: the decoding processes are running
     os.killpg(process.pid, signal.SIGINT)
