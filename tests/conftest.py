@@ -64,6 +64,22 @@ def load_folder(name):
     return SimpleNamespace(**modules)
 
 
+def load_toy(name):
+    """A folder's toy.py, importing that folder's own support, model, dataset and train."""
+    folder = load_folder(name)
+    parts = {part: getattr(folder, part) for part in ("support", "model", "dataset", "train")}
+    saved = {part: sys.modules.get(part) for part in parts}
+    sys.modules.update(parts)
+    try:
+        spec = importlib.util.spec_from_file_location(f"toy_{name}", ROOT / name / "toy.py")
+        toy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(toy)
+    finally:
+        for part, module in saved.items():
+            sys.modules.pop(part) if module is None else sys.modules.__setitem__(part, module)
+    return toy, folder
+
+
 def run_train(folder, *args, timeout=600):
     """`python train.py ARGS` inside FOLDER, as a user runs it."""
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT / folder,

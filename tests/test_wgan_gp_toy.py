@@ -1,29 +1,11 @@
-"""The 2-D toy experiments: WGAN-GP's toy sets, weight clipping against the penalty, the mode measures, LSGAN's two
-losses on the Gaussian mixture, and a toy run's figure, metrics and exact resume."""
-import importlib.util
+"""WGAN-GP's 2-D toy experiments: the toy sets, weight clipping against the penalty, the mode measures, and a toy
+run's figure, metrics and exact resume."""
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_networks, load_checkpoint, load_folder, run_main, scalar_tags
-
-
-def load_toy(name):
-    """A folder's toy.py, importing that folder's own support, model, dataset and train."""
-    folder = load_folder(name)
-    parts = {part: getattr(folder, part) for part in ("support", "model", "dataset", "train")}
-    saved = {part: sys.modules.get(part) for part in parts}
-    sys.modules.update(parts)
-    try:
-        spec = importlib.util.spec_from_file_location(f"toy_{name}", ROOT / name / "toy.py")
-        toy = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(toy)
-    finally:
-        for part, module in saved.items():
-            sys.modules.pop(part) if module is None else sys.modules.__setitem__(part, module)
-    return toy, folder
+from conftest import assert_same_networks, load_checkpoint, load_folder, load_toy, run_main, scalar_tags
 
 
 @pytest.mark.parametrize("name, modes, std", [("8gaussians", 8, 0.02 / 1.414), ("25gaussians", 25, 0.05 / 2.828)])
@@ -73,22 +55,6 @@ def test_the_mode_counter_counts_the_mixtures_modes():
     assert support.mode_measures(one_mode, centres, std)[0] == 1
     far = centres[3] + 10 * std
     assert support.mode_measures(far.expand(10, 2), centres, std) == (0, 0.0)
-
-
-def test_lsgan_losses_are_least_squares_and_sigmoid_cross_entropy_by_value():
-    toy, folder = load_toy("LSGAN")
-    coding = folder.train.CODINGS["0-1"]
-    d_ls, g_ls = toy.losses("ls", coding)
-    d_bce, g_bce = toy.losses("bce", coding)
-    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([0.0, -2.0])
-    # 1/2 mean((D(x) - 1)^2) + 1/2 mean(D(G(z))^2) = 1/2 * 2 + 1/2 * 2; G: 1/2 mean((D(G(z)) - 1)^2) = 1/2 * 5
-    assert d_ls(real, fake).item() == pytest.approx(2.0) and g_ls(fake).item() == pytest.approx(2.5)
-    assert d_ls(torch.ones(3), torch.zeros(3)).item() == 0
-    # at logits 0, D = 1/2: -log 1/2 for real and for fake; G's -log D(G(z)) = log 2
-    zeros = torch.zeros(4)
-    assert d_bce(zeros, zeros).item() == pytest.approx(2 * math.log(2))
-    assert g_bce(zeros).item() == pytest.approx(math.log(2))
-    assert g_bce(torch.tensor([3.0])).item() == pytest.approx(math.log1p(math.exp(-3.0)))
 
 
 QUICK_TOY = ["--width", 16, "--batch-size", 32, "--n-critic", 2, "--eval-every", 2, "--sample-every", 2,
