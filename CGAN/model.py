@@ -4,12 +4,14 @@ their initialisation, and sampling from a checkpoint.
     python model.py runs/RUN --out grid.png                     # one row per digit, 0 to 9
     python model.py runs/RUN --digit 7 --num 64 --out sevens.png
     python model.py runs/RUN --digit 3 --num 500 --out threes/ --single   # 500 PNG files
-    python model.py runs/RUN --sampling-dropout --out grid.png  # G's dropout kept on while sampling
+    python model.py runs/RUN --no-sampling-dropout --out grid.png  # G's dropout off (eval mode)
+    python model.py runs/RUN --interpolate --out walk.png       # row r: digit r mod 10, z walks
 
 §3: "the generator and discriminator are both conditioned on some extra information
 y ... by feeding y into both the discriminator and generator as additional input layer".
 Here y is the class label of an MNIST digit, one-hot in 10 dimensions (§4.1).
 """
+
 import sys
 
 import torch
@@ -17,15 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import support
-from dataset import load_labelled, split_validation
+from dataset import load_labelled
 
 FOLDER = "CGAN"  # the name checkpoints carry; support.py reads only this folder's
 
 Z_DIM = 100  # §4.1: "a noise prior z with dimensionality 100"
 CLASSES = 10  # §4.1: MNIST "conditioned on their class labels, encoded as one-hot vectors"
-IMAGE_SIZE = 28  # §4.1: "784-dimensional MNIST samples"
-DROPOUT = 0.5  # §4.1: "Dropout with probability of 0.5 was applied to both the generator and discriminator"
-G_IRANGE = 0.05  # official GAN code, mnist.yaml: G's weights U(-0.05, 0.05) (the CGAN paper gives no init)
+IMAGE_SIZE = 28  # §4.1: "784-dimensional MNIST samples", the only size trained here
+# §4.1: "Dropout with probability of 0.5 was applied to both the generator and discriminator"
+DROPOUT = 0.5
+G_IRANGE = 0.05  # official GAN code, mnist.yaml: G's weights U(-0.05, 0.05) (CGAN gives no init)
 D_IRANGE = 0.005  # official GAN code, mnist.yaml: D's weights U(-0.005, 0.005)
 
 
@@ -47,7 +50,7 @@ def grid_inputs(per_row, z_dim=Z_DIM, device="cpu"):
 
 
 class Maxout(nn.Module):
-    """A maxout layer (Goodfellow et al. 2013): `units` outputs, each the max of `pieces` linear pieces."""
+    """Maxout (Goodfellow et al. 2013): `units` outputs, each the max of `pieces` linear pieces."""
 
     def __init__(self, in_features, units, pieces):
         super().__init__()
@@ -60,25 +63,41 @@ class Maxout(nn.Module):
 
 
 class Generator(nn.Module):
-    """§4.1: z -> 200 ReLU and y -> 1000 ReLU, joined -> 1200 ReLU -> 784 sigmoid.
+    """§4.1: z -> 200 ReLU and y -> 1000 ReLU, joined -> 1200 ReLU -> 784 sigmoid (28x28).
 
-    Dropout 0.5 on each hidden layer (§4.1); it is active only in training mode.
+    Dropout 0.5 on each hidden layer (§4.1), active only in training mode; `masks` (one per
+    hidden layer, as dropout_masks draws them) replace its fresh draws with given ones.
     """
 
-    def __init__(self, z_dim=Z_DIM, classes=CLASSES, image_size=IMAGE_SIZE, dropout=DROPOUT):
+    def __init__(self, z_dim=Z_DIM, classes=CLASSES, dropout=DROPOUT):
         super().__init__()
-        self.image_size = image_size
-        # §4.1: "Both z and y are mapped to hidden layers with ReLu activation, with layer sizes 200 and 1000"
+        # §4.1: "Both z and y are mapped to hidden layers with ReLu activation", 200 and 1000 wide
         self.z_path = nn.Sequential(nn.Linear(z_dim, 200), nn.ReLU(), nn.Dropout(dropout))
         self.y_path = nn.Sequential(nn.Linear(classes, 1000), nn.ReLU(), nn.Dropout(dropout))
-        # §4.1: "... before both being mapped to second, combined hidden ReLu layer of dimensionality 1200"
+        # §4.1: "... mapped to second, combined hidden ReLu layer of dimensionality 1200"
         self.joint = nn.Sequential(nn.Linear(200 + 1000, 1200), nn.ReLU(), nn.Dropout(dropout))
-        # §4.1: "a final sigmoid unit layer as our output for generating the 784-dimensional MNIST samples"
-        self.out = nn.Linear(1200, image_size * image_size)
+        # §4.1: "a final sigmoid unit layer ... generating the 784-dimensional MNIST samples"
+        self.out = nn.Linear(1200, IMAGE_SIZE * IMAGE_SIZE)
 
-    def forward(self, z, y):
-        h = self.joint(torch.cat([self.z_path(z), self.y_path(y)], dim=1))
-        return torch.sigmoid(self.out(h)).view(-1, 1, self.image_size, self.image_size)
+    def forward(self, z, y, masks=None):
+        if masks is None:  # nn.Dropout: a fresh mask for every image in training mode
+            h = self.joint(torch.cat([self.z_path(z), self.y_path(y)], dim=1))
+        else:  # each hidden layer's ReLU output times its given mask, in place of nn.Dropout
+            z_mask, y_mask, joint_mask = masks
+            h = torch.cat([self.z_path[:-1](z) * z_mask, self.y_path[:-1](y) * y_mask], dim=1)
+            h = self.joint[:-1](h) * joint_mask
+        return torch.sigmoid(self.out(h)).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def dropout_masks(G, n, device="cpu"):
+    """n draws of G's three dropout masks (z's, y's and the joint hidden layer's), as nn.Dropout
+    draws them: each unit kept with probability 1 - p and then scaled by 1 / (1 - p), else 0."""
+    masks = []
+    for path in (G.z_path, G.y_path, G.joint):
+        keep = 1 - path[-1].p
+        kept = torch.bernoulli(torch.full((n, path[0].out_features), keep, device=device))
+        masks.append(kept / keep)
+    return masks
 
 
 class Discriminator(nn.Module):
@@ -88,13 +107,13 @@ class Discriminator(nn.Module):
     which is numerically stable where sigmoid + log is not. Dropout 0.5 on each hidden layer.
     """
 
-    def __init__(self, classes=CLASSES, image_size=IMAGE_SIZE, dropout=DROPOUT):
+    def __init__(self, classes=CLASSES, dropout=DROPOUT):
         super().__init__()
-        # §4.1: "maps x to a maxout layer with 240 units and 5 pieces, and y to a maxout layer with 50 units
-        # and 5 pieces"
-        self.x_path = nn.Sequential(Maxout(image_size * image_size, 240, 5), nn.Dropout(dropout))
+        # §4.1: x to "a maxout layer with 240 units and 5 pieces", y to one "with 50 units and 5"
+        pixels = IMAGE_SIZE * IMAGE_SIZE
+        self.x_path = nn.Sequential(Maxout(pixels, 240, 5), nn.Dropout(dropout))
         self.y_path = nn.Sequential(Maxout(classes, 50, 5), nn.Dropout(dropout))
-        # §4.1: "a joint maxout layer with 240 units and 4 pieces before being fed to the sigmoid layer"
+        # §4.1: "a joint maxout layer with 240 units and 4 pieces" before the sigmoid layer
         self.joint = nn.Sequential(Maxout(240 + 50, 240, 4), nn.Dropout(dropout))
         self.logit = nn.Linear(240, 1)
 
@@ -120,50 +139,88 @@ def init_output_bias(G, pixel_mean):
 
 
 @torch.no_grad()
-def sample(G, z, labels, dropout=False):
+def sample(G, z, labels, dropout=False, masks=None):
     """G(z, y) in eval mode (dropout off: the same z and y always give the same image), in [0, 1].
 
-    dropout=True keeps G's dropout on, making its masks a second source of noise besides z.
+    dropout=True keeps G's dropout on, making its masks a second source of noise besides z;
+    `masks` (dropout_masks, one row per image) fix them.
     """
     was_training = G.training
     G.train(dropout)
-    images = G(z, one_hot(labels, G.y_path[0].in_features))
+    images = G(z, one_hot(labels, G.y_path[0].in_features), masks)
     G.train(was_training)
     return images
 
 
+def walk_draw(G, masks):
+    """--interpolate's draw(z, rows): one sampled network per walk. Every image of row r (digit r
+    mod 10) is drawn under row r's dropout masks (`masks`, one row per walk, from dropout_masks;
+    None: dropout off), so a row changes only with z, and its ends are G's samples of its end
+    points under those masks. Different rows have different masks."""
+
+    def draw(z, rows):
+        held = None if masks is None else [mask[rows] for mask in masks]
+        return sample(G, z, rows % CLASSES, masks is not None, held)
+
+    return draw
+
+
+DROPOUT_ON = (
+    "keep G's dropout on, as in training and in train.py's grids and --evaluate; --interpolate "
+    "holds one mask per row (default: on; --no-sampling-dropout: eval mode)"
+)
+
+
 def main(argv=None):
-    parser = support.sampling_parser("Sample digits from a conditional GAN checkpoint.",
-                                     num_help="images of --digit (default 64), or images per row of the per-digit "
-                                              "grid (default 10)")
-    parser.add_argument("--digit", type=int, default=None,
-                        help="draw only this class (0-9); default: one row per digit, 0 to 9")
-    parser.add_argument("--sampling-dropout", action=support.ON_OFF, default=True,
-                        help="keep G's dropout on, as in training and in train.py's grids and --evaluate "
-                             "(default: on; --no-sampling-dropout samples in eval mode)")
+    description = (
+        "Sample digits from a conditional GAN checkpoint. With G's dropout on (the default), "
+        "--interpolate draws each row under one dropout mask, one sampled network per walk."
+    )
+    num_help = "images of --digit (default 64), or per row of the per-digit grid (default 10)"
+    parser = support.sampling_parser(description, num_help=num_help)
+    parser.add_argument("--digit", type=int, help="draw only this class (0-9); default: each")
+    parser.add_argument("--sampling-dropout", action=support.ON_OFF, default=True, help=DROPOUT_ON)
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
     if args.digit is not None and not 0 <= args.digit < CLASSES:
         parser.error(f"--digit must be one of 0 to {CLASSES - 1}, got {args.digit}")
     run = checkpoint["args"]
-    G = support.load_weights(parser, Generator(run["z_dim"], CLASSES, run["image_size"], run["dropout"]),
-                             checkpoint["G"], args.run).to(args.device)
+    G = Generator(run["z_dim"], CLASSES, run["dropout"])
+    G = support.load_weights(parser, G, checkpoint["G"], args.run).to(args.device)
     # z and G's dropout masks both come from --seed
     torch.manual_seed(args.seed)
-    draw = (lambda z, labels: sample(G, z, labels, args.sampling_dropout))
-    draw_z = (lambda n: sample_z(n, run["z_dim"], args.device))
-    if args.interpolate or args.nearest:
-        # row r holds digit r mod 10; the training set is the run's, without its validation split
-        return support.inspect(args, checkpoint, draw, draw_z, lambda root: split_validation(*load_labelled(
-            run["dataset"], root, run["image_size"], download=False), run["valid_size"])[0][0],
-                               labels=lambda rows: rows % CLASSES)
+
+    def draw(z, labels):
+        return sample(G, z, labels, args.sampling_dropout)
+
+    def draw_z(n):
+        return sample_z(n, run["z_dim"], args.device)
+
+    def images(root, split):
+        """The run's training split (without its validation split) or the test set, uint8."""
+        return load_labelled(run["dataset"], root, split, run["valid_size"], download=False)[0]
+
+    if args.interpolate:
+        # one sampled network per walk: G's dropout masks drawn once per row, held along it; the
+        # draw takes each image's row itself (labels=rows), its digit and its masks
+        masks = dropout_masks(G, args.rows, args.device) if args.sampling_dropout else None
+        walk = walk_draw(G, masks)
+        return support.inspect(args, checkpoint, walk, draw_z, images, labels=lambda rows: rows)
+    if args.nearest:
+        # row r holds digit r mod 10, each sample under its own dropout mask
+        return support.inspect(
+            args, checkpoint, draw, draw_z, images, labels=lambda rows: rows % CLASSES
+        )
     if args.digit is None:
         z, labels = grid_inputs(args.num or 10, run["z_dim"], args.device)
     else:
-        z, labels = draw_z(args.num or 64), torch.full((args.num or 64,), args.digit, device=args.device)
-    per_row = len(z) // CLASSES if args.digit is None else None  # one row per digit, or a square grid
-    support.write_images(draw, (z, labels), args.out, args.single, per_row, step=checkpoint["step"],
-                         names=[f"{i:05d}_digit{y}.png" for i, y in enumerate(labels.tolist())])
+        num = args.num or 64
+        z, labels = draw_z(num), torch.full((num,), args.digit, device=args.device)
+    per_row = len(z) // CLASSES if args.digit is None else None  # a row per digit, or a square
+    names = [f"{i:05d}_digit{y}.png" for i, y in enumerate(labels.tolist())]
+    support.write_images(
+        draw, (z, labels), args.out, args.single, per_row, names, checkpoint["step"]
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(support.stop_in_one_line(main))

@@ -4,12 +4,13 @@ their initialisation (§4), and sampling from a checkpoint.
     python model.py runs/RUN --num 64 --out grid.png      # one grid
     python model.py runs/RUN --num 500 --out samples/ --single   # 500 PNG files
     python model.py runs/RUN --checkpoint best            # the best FID of --eval-every
-    python model.py runs/RUN --interpolate                # Fig. 4: walks along the line between two z
+    python model.py runs/RUN --interpolate                # Fig. 4: each row walks through 9 z
 
 The §3 guidelines, each visible below: strided convolutions instead of pooling,
 batch norm in both networks except G's output and D's input layer, no hidden
 fully connected layers, ReLU in G with tanh at the output, LeakyReLU in D.
 """
+
 import math
 import sys
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import support
-from dataset import load_images
+from dataset import run_images
 
 FOLDER = "DCGAN"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -36,7 +37,9 @@ def up(in_channels, out_channels):
     No bias, as in the official code, which gives no layer one: where batch norm follows, its shift
     takes the bias's place; G's output layer has neither.
     """
-    return nn.ConvTranspose2d(in_channels, out_channels, 5, stride=2, padding=2, output_padding=1, bias=False)
+    return nn.ConvTranspose2d(
+        in_channels, out_channels, 5, stride=2, padding=2, output_padding=1, bias=False
+    )
 
 
 def down(in_channels, out_channels):
@@ -55,12 +58,14 @@ def stages(image_size):
 
 
 def filters(width, i):
-    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's deepest), then constant."""
+    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's
+    deepest), then constant."""
     return width * 2 ** min(i, 3)
 
 
 class Generator(nn.Module):
-    """Fig. 1: z -> project and reshape to 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128 -> 64x64xC."""
+    """Fig. 1: z -> project and reshape to 4x4x1024 -> 8x8x512 -> 16x16x256 -> 32x32x128
+    -> 64x64xC."""
 
     def __init__(self, image_size=64, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()
@@ -68,7 +73,9 @@ class Generator(nn.Module):
         top = filters(width, n - 1)
         self.top = top
         # Fig. 1 "project and reshape"; batch norm on the projected vector (official code)
-        self.project = nn.Sequential(nn.Linear(z_dim, top * 4 * 4, bias=False), nn.BatchNorm1d(top * 4 * 4), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, top * 4 * 4, bias=False), nn.BatchNorm1d(top * 4 * 4), nn.ReLU()
+        )
         layers = []
         for i in reversed(range(1, n)):
             c, c_out = filters(width, i), filters(width, i - 1)
@@ -125,17 +132,26 @@ def sample(G, z):
 
 def main(argv=None):
     parser = support.sampling_parser("Sample images from a DCGAN checkpoint.")
+    # Fig. 4: each row walks through a series of 9 random z, 4 steps from one to the next
+    parser.set_defaults(points=9, steps=33)
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
-    num, run = args.num or 64, checkpoint["args"]
-    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
-                             checkpoint["G"], args.run).to(args.device)
+    run = checkpoint["args"]
+    G = Generator(run["image_size"], run["channels"], run["z_dim"], run["width"])
+    G = support.load_weights(parser, G, checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+
+    def draw(z):
+        return sample(G, z).add(1).div(2)
+
+    def draw_z(n):
+        return sample_z(n, run["z_dim"], args.device)
+
     if args.interpolate or args.nearest:
-        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
-            run["dataset"], root, run["image_size"], run["cache_dir"], run["lsun_classes"], download=False))
+        data_set = run_images(run, download=False)  # the run's own data, where it is
+        return support.inspect(args, checkpoint, draw, draw_z, data_set)
+    num = args.num or 64
     support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(support.stop_in_one_line(main))

@@ -17,18 +17,20 @@ At 112x112 (the figure; width 64):
 The same layers serve any size divisible by 16: G starts at size/16 (2x2 at 32 px, 4x4 at
 64 px, 7x7 at 112 px) and D's four stride-2 convolutions end there.
 """
+
 import sys
 
 import torch
 from torch import nn
 
 import support
-from dataset import load_images
+from dataset import run_images
 
 FOLDER = "LSGAN"  # the name checkpoints carry; support.py reads only this folder's
 
 Z_DIM = 1024  # figure: z is 1024-dimensional (official code: z_dim 1024, np.random.uniform(-1, 1))
-WIDTH = 64  # official code: gf_dim = df_dim = 64; G's widths 256-256-256-256-128-64, D's 64-128-256-512
+# official code: gf_dim = df_dim = 64; G's widths 256-256-256-256-128-64, D's 64-128-256-512
+WIDTH = 64
 
 
 def sample_z(n, z_dim=Z_DIM, device="cpu"):
@@ -37,12 +39,14 @@ def sample_z(n, z_dim=Z_DIM, device="cpu"):
 
 
 def deconv(in_channels, out_channels, stride, bias=False):
-    """The figure's 3x3 deconvolution: stride 2 exactly doubles height and width, stride 1 keeps them.
+    """The figure's 3x3 deconvolution: stride 2 exactly doubles height and width, stride 1
+    keeps them.
 
     No bias where batch norm follows: its shift replaces the bias.
     """
-    return nn.ConvTranspose2d(in_channels, out_channels, 3, stride=stride, padding=1,
-                              output_padding=stride - 1, bias=bias)
+    return nn.ConvTranspose2d(
+        in_channels, out_channels, 3, stride=stride, padding=1, output_padding=stride - 1, bias=bias
+    )
 
 
 def conv(in_channels, out_channels, bias=False):
@@ -51,25 +55,33 @@ def conv(in_channels, out_channels, bias=False):
 
 
 def check_image_size(image_size):
-    """G starts at image_size/16 and D's four stride-2 convolutions end there: 32, 48, 64, 96, 112, ..."""
+    """G starts at image_size/16 and D's four stride-2 convolutions end there: 32, 48, 64, 96,
+    112, ..."""
     if image_size < 32 or image_size % 16:
-        raise ValueError(f"image size must be a multiple of 16 and at least 32 (112 in the paper), got {image_size}")
+        raise ValueError(
+            f"image size must be a multiple of 16 and at least 32 (112 in the paper), "
+            f"got {image_size}"
+        )
     return image_size // 16
 
 
 class Generator(nn.Module):
-    """Figure (a): z -> fc s/16 x s/16 x 4w -> (deconv/2, deconv/1) x 2 at 4w -> deconv/2 2w -> deconv/2 w
-    -> deconv/1 C."""
+    """Figure (a): z -> fc s/16 x s/16 x 4w -> (deconv/2, deconv/1) x 2 at 4w -> deconv/2 2w
+    -> deconv/2 w -> deconv/1 C."""
 
     def __init__(self, image_size=32, channels=3, z_dim=Z_DIM, width=WIDTH):
         super().__init__()
         self.start = check_image_size(image_size)
         self.top = 4 * width
-        # figure: fc to s/16 x s/16 x 256, batch norm, ReLU. Batch norm per channel after the reshape,
-        # as in the official code (vgg.py: g_bn0 on the reshaped map); the paper does not say which.
-        self.project = nn.Sequential(nn.Linear(z_dim, self.top * self.start ** 2, bias=False),
-                                     nn.Unflatten(1, (self.top, self.start, self.start)),
-                                     nn.BatchNorm2d(self.top), nn.ReLU())
+        # figure: fc to s/16 x s/16 x 256, batch norm, ReLU. Batch norm per channel after the
+        # reshape, as in the official code (vgg.py: g_bn0 on the reshaped map); the paper does
+        # not say which.
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, self.top * self.start**2, bias=False),
+            nn.Unflatten(1, (self.top, self.start, self.start)),
+            nn.BatchNorm2d(self.top),
+            nn.ReLU(),
+        )
         layers = []
         # §3.3: each of the top two stride-2 deconvolutions is followed by an extra stride-1 one
         for stride in (2, 1, 2, 1):
@@ -107,16 +119,18 @@ class Discriminator(nn.Module):
 
 
 def init_weights(module):
-    """Official code (the paper follows DCGAN): weights N(0, 0.02), D's convolutions truncated at 2 sigma;
-    biases 0; batch norm gamma 1, beta 0 (tf.contrib batch_norm defaults)."""
+    """Official code (the paper follows DCGAN): weights N(0, 0.02), D's convolutions truncated
+    at 2 sigma; biases 0; batch norm gamma 1, beta 0 (tf.contrib batch_norm defaults)."""
     if isinstance(module, nn.Conv2d):
         nn.init.trunc_normal_(module.weight, 0.0, 0.02, -0.04, 0.04)
     elif isinstance(module, (nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight)
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)) \
-            and module.bias is not None:
+    if (
+        isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d))
+        and module.bias is not None
+    ):
         nn.init.zeros_(module.bias)
 
 
@@ -137,15 +151,25 @@ def main(argv=None):
     parser = support.sampling_parser("Sample images from a LSGAN checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
     num, run = args.num or 64, checkpoint["args"]
-    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
-                             checkpoint["G"], args.run).to(args.device)
+    G = support.load_weights(
+        parser,
+        Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
+        checkpoint["G"],
+        args.run,
+    ).to(args.device)
     torch.manual_seed(args.seed)
-    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+
+    def draw(z):  # G's images in [0, 1]
+        return sample(G, z).add(1).div(2)
+
+    def draw_z(n):
+        return sample_z(n, run["z_dim"], args.device)
+
     if args.interpolate or args.nearest:
-        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
-            run["dataset"], root, run["image_size"], run["cache_dir"], run["lsun_classes"], download=False))
+        images = run_images(run, download=False)  # (root, split) -> the run's images, as it trained
+        return support.inspect(args, checkpoint, draw, draw_z, images)
     support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(support.stop_in_one_line(main))

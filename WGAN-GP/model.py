@@ -11,6 +11,7 @@ each input to its output on its own. The critic here has no normalisation at all
 uses none in its WGAN-GP critic (the paper's layer-norm recommendation is for critics that
 would otherwise have batch norm, as in its §5.2 LSUN models).
 """
+
 import math
 import sys
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import support
-from dataset import load_images
+from dataset import run_images
 
 FOLDER = "WGAN-GP"  # the name checkpoints carry; support.py reads only this folder's
 
@@ -41,7 +42,8 @@ def up(in_channels, out_channels):
 
 
 def down(in_channels, out_channels):
-    """A 5x5 stride-2 convolution that exactly halves height and width (official code: Conv2D(..., 5, stride=2))."""
+    """A 5x5 stride-2 convolution that exactly halves height and width (official code:
+    Conv2D(..., 5, stride=2))."""
     return nn.Conv2d(in_channels, out_channels, 5, stride=2, padding=2)
 
 
@@ -53,12 +55,14 @@ def stages(image_size):
 
 
 def filters(width, i):
-    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's deepest), then constant."""
+    """Feature maps i stride-2 layers in from the image: doubling up to 8 * width (64 px's
+    deepest), then constant."""
     return width * 2 ** min(i, 3)
 
 
 class Generator(nn.Module):
-    """official code (gan_cifar.py): z -> linear -> 4x4x(4*DIM), BN, ReLU -> 8x8x(2*DIM) -> 16x16xDIM -> 32x32xC, tanh.
+    """official code (gan_cifar.py): z -> linear -> 4x4x(4*DIM), BN, ReLU -> 8x8x(2*DIM)
+    -> 16x16xDIM -> 32x32xC, tanh.
 
     At 64 px one more doubling is added in front: 4x4x(8*DIM) -> ... -> 64x64xC.
     """
@@ -69,7 +73,9 @@ class Generator(nn.Module):
         top = filters(width, n - 1)
         self.top = top
         # official code: Generator.Input (linear), Generator.BN1, ReLU
-        self.project = nn.Sequential(nn.Linear(z_dim, top * 4 * 4), nn.BatchNorm1d(top * 4 * 4), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, top * 4 * 4), nn.BatchNorm1d(top * 4 * 4), nn.ReLU()
+        )
         layers = []
         for i in reversed(range(1, n)):
             c, c_out = filters(width, i), filters(width, i - 1)
@@ -84,7 +90,8 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """official code (gan_cifar.py, MODE 'wgan-gp'): C -> DIM -> 2*DIM -> 4*DIM at 4x4, lrelu(0.2), linear -> 1.
+    """official code (gan_cifar.py, MODE 'wgan-gp'): C -> DIM -> 2*DIM -> 4*DIM at 4x4,
+    lrelu(0.2), linear -> 1.
 
     §4: no batch norm (and no other normalisation), so D(x)_i depends on x_i alone. The output
     is an unbounded score, not a probability: there is no sigmoid.
@@ -150,15 +157,25 @@ def main(argv=None):
     parser = support.sampling_parser("Sample images from a WGAN-GP checkpoint.")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
     num, run = args.num or 64, checkpoint["args"]
-    G = support.load_weights(parser, Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
-                             checkpoint["G"], args.run).to(args.device)
+    G = support.load_weights(
+        parser,
+        Generator(run["image_size"], run["channels"], run["z_dim"], run["width"]),
+        checkpoint["G"],
+        args.run,
+    ).to(args.device)
     torch.manual_seed(args.seed)
-    draw, draw_z = (lambda z: sample(G, z).add(1).div(2)), (lambda n: sample_z(n, run["z_dim"], args.device))
+
+    def draw(z):  # G's images in [0, 1]
+        return sample(G, z).add(1).div(2)
+
+    def draw_z(n):
+        return sample_z(n, run["z_dim"], args.device)
+
     if args.interpolate or args.nearest:
-        return support.inspect(args, checkpoint, draw, draw_z, lambda root: load_images(
-            run["dataset"], root, run["image_size"], run["cache_dir"], download=False), gaussian=True)
+        images = run_images(run, download=False)  # (root, split) -> the run's images, as it trained
+        return support.inspect(args, checkpoint, draw, draw_z, images)
     support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(support.stop_in_one_line(main))

@@ -3,16 +3,18 @@
 The official code (goodfeli/adversarial, mnist.yaml) trains on MNIST train[0:50000],
 keeps train[50000:60000] as the validation split (where the Parzen bandwidth sigma is
 chosen, §5) and scores the 10,000 test images. Pixels are the raw intensities divided
-by 255, in [0, 1]: the range of G's sigmoid output. No other pre-processing.
+by 255, in [0, 1]: the range of G's sigmoid output. No other pre-processing: the images
+stay MNIST's 28x28, nothing is resized.
 
-support.py reads MNIST's files once into a uint8 tensor (N, 1, 28, 28), keeps it on the
-training device and feeds the batches, scaled there by `to_unit_range`.
+support.read_split reads MNIST's files into a uint8 tensor (N, 1, 28, 28); support.Batches
+keeps it on the training device and feeds the batches, scaled there by `to_unit_range`.
 """
+
 import support
 from support import DataError  # noqa: F401  (train.py reports it)
 
 DATASETS = ("mnist", "fashion-mnist")
-IMAGE_SIZE = 28
+IMAGE_SIZE = 28  # §5: MNIST as stored
 SPLITS = ("train", "valid", "test")
 # official code, mnist.yaml: train = MNIST 'train' [0, 50000), valid = 'train' [50000, 60000):
 # the last sixth of the training file is held out (smaller test copies are split the same way)
@@ -25,11 +27,11 @@ def load_images(name, root, split="train", download=True):
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    data = support.read_mnist(name, root, train=split != "test", download=download)[0]
+    images = support.read_split(name, root, train=split != "test", download=download)[0]
     if split != "test":
-        cut = len(data) - round(len(data) * VALID_FRACTION)  # 50000 for MNIST's 60000
-        data = data[:cut] if split == "train" else data[cut:]
-    return data.unsqueeze(1).contiguous()
+        cut = len(images) - round(len(images) * VALID_FRACTION)  # 50000 for MNIST's 60000
+        images = images[:cut] if split == "train" else images[cut:]
+    return images
 
 
 def to_unit_range(images):
@@ -43,6 +45,11 @@ def pixel_means(images):
 
 
 def batches(images, batch_size, device, seed):
-    """Endless minibatches in [0, 1] on the device, a fresh permutation each epoch, resumable exactly
-    (support.Batches)."""
+    """Endless minibatches in [0, 1] on the device, a fresh permutation each epoch, resumable
+    exactly (support.Batches)."""
     return support.Batches(images, batch_size, device, seed, scale=to_unit_range)
+
+
+def evaluation_images(name, root, device):
+    """The validation split (train[50000:60000]) and the test set, in [0, 1], on the device."""
+    return [to_unit_range(load_images(name, root, split).to(device)) for split in ("valid", "test")]

@@ -3,8 +3,8 @@ their initialisation, and sampling from a checkpoint.
 
     python model.py runs/RUN --num 100 --out grid.png          # one 10x10 grid
     python model.py runs/RUN --num 500 --out samples/ --single  # 500 PNG files
-    python model.py runs/RUN --nearest --out nearest.png       # Fig. 2: each sample beside its nearest digit
-    python model.py runs/RUN --interpolate --out walk.png      # Fig. 3: digits along the line between two z
+    python model.py runs/RUN --nearest --out nearest.png       # Fig. 2: beside the nearest digit
+    python model.py runs/RUN --interpolate --out walk.png      # Fig. 3: along lines between z
 
 §5: "The generator nets used a mixture of rectifier linear activations and sigmoid
 activations, while the discriminator net used maxout activations. Dropout was applied
@@ -12,6 +12,7 @@ in training the discriminator net." Noise enters G only at its bottom layer. The
 widths, the noise and the initialisation are the official code's (goodfeli/adversarial,
 mnist.yaml): the paper does not print them.
 """
+
 import math
 import sys
 
@@ -31,12 +32,12 @@ PIXELS = 28 * 28
 
 
 def sample_z(n, z_dim=Z_DIM, device="cpu"):
-    """z ~ U(-sqrt 3, sqrt 3)^100: zero mean, unit variance (official code: noise 'uniform' in mnist.yaml)."""
+    """z ~ U(-sqrt 3, sqrt 3)^100, zero mean and unit variance (official code: noise 'uniform')."""
     return (torch.rand(n, z_dim, device=device) * 2 - 1) * math.sqrt(3)
 
 
 class Maxout(nn.Module):
-    """Maxout units (Goodfellow et al. 2013): each of `units` outputs is the max of `pieces` linear pieces.
+    """Maxout units (Goodfellow et al. 2013): each output is the max of `pieces` linear pieces.
 
     The pieces of unit j are the consecutive linear outputs j*pieces ... j*pieces + pieces - 1,
     as pylearn2's Maxout layer groups them.
@@ -57,9 +58,13 @@ class Generator(nn.Module):
     def __init__(self, z_dim=Z_DIM, width=G_WIDTH):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(z_dim, width), nn.ReLU(),
-            nn.Linear(width, width), nn.ReLU(),
-            nn.Linear(width, PIXELS), nn.Sigmoid())
+            nn.Linear(z_dim, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, PIXELS),
+            nn.Sigmoid(),
+        )
 
     def forward(self, z):
         return self.net(z).view(-1, 1, 28, 28)
@@ -77,9 +82,13 @@ class Discriminator(nn.Module):
     def __init__(self, width=D_WIDTH, pieces=PIECES):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Dropout(0.2), Maxout(PIXELS, width, pieces),
-            nn.Dropout(0.5), Maxout(width, width, pieces),
-            nn.Dropout(0.5), nn.Linear(width, 1))
+            nn.Dropout(0.2),
+            Maxout(PIXELS, width, pieces),
+            nn.Dropout(0.5),
+            Maxout(width, width, pieces),
+            nn.Dropout(0.5),
+            nn.Linear(width, 1),
+        )
 
     def forward(self, x):
         return self.net(x.flatten(1)).squeeze(1)
@@ -117,18 +126,28 @@ def sample(G, z):
 
 
 def main(argv=None):
-    parser = support.sampling_parser("Sample images from a simpleGAN checkpoint.",
-                                     num_help="how many images (default: 100)")
+    description = "Sample images from a simpleGAN checkpoint."
+    parser = support.sampling_parser(description, num_help="how many images (default: 100)")
     args, checkpoint = support.read_sampling_flags(parser, argv, FOLDER)
     num, run = args.num or 100, checkpoint["args"]
-    G = support.load_weights(parser, Generator(run["z_dim"], run["g_width"]), checkpoint["G"], args.run).to(args.device)
+    G = Generator(run["z_dim"], run["g_width"])
+    G = support.load_weights(parser, G, checkpoint["G"], args.run).to(args.device)
     torch.manual_seed(args.seed)
-    draw, draw_z = (lambda z: sample(G, z)), (lambda n: sample_z(n, run["z_dim"], args.device))
+
+    def draw(z):
+        return sample(G, z)
+
+    def draw_z(n):
+        return sample_z(n, run["z_dim"], args.device)
+
+    def images(root, split):
+        """The run's "train" (train[0:50000]) or "test" split, uint8, as train.py reads it."""
+        return load_images(run["dataset"], root, split, download=False)
+
     if args.interpolate or args.nearest:
-        return support.inspect(args, checkpoint, draw, draw_z,
-                               lambda root: load_images(run["dataset"], root, "train", download=False))
+        return support.inspect(args, checkpoint, draw, draw_z, images)
     support.write_images(draw, (draw_z(num),), args.out, args.single, step=checkpoint["step"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(support.stop_in_one_line(main))
