@@ -24,6 +24,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def unwritable(folder):
     if folder.exists() and not folder.is_dir():
         return "exists and is not a folder"
     parent = next(p for p in [folder, *folder.parents] if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
 
 
@@ -230,12 +233,9 @@ def read_checkpoint(path, folder):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} holds objects that only pickle loads, which could run code: refused "
-            f"(this collection's checkpoints of format {FORMAT} hold tensors and plain values)"
-        ) from None
-    except Exception as error:  # truncated, random bytes, not a torch file, unreadable
+    except Exception as error:  # random bytes, truncated, not a torch file; or pickled objects
+        if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} needs pickle, which could run code: refused") from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason(error)})") from None
     writer = checkpoint.get("folder") if isinstance(checkpoint, dict) else None
     if not isinstance(writer, str):

@@ -1,9 +1,13 @@
-"""WGAN/README.md's figure of §4.3: the critic's Wasserstein estimate of three runs, one per --generator.
+"""WGAN/README.md's figure of §4.3: the critic's Wasserstein estimate of three runs, one per
+--generator.
 
-    cd WGAN && PYTHONPATH=. python ../assets/plot_wgan_generators.py RUNS_FOLDER ../assets/wgan_generators_estimate.png
+    cd WGAN && PYTHONPATH=. python ../assets/plot_wgan_generators.py RUNS_FOLDER \
+        ../assets/wgan_generators_estimate.png
 
-RUNS_FOLDER holds the run folders dcgan, nobn and mlp (train.py --generator NAME --out RUNS_FOLDER/NAME).
+RUNS_FOLDER holds the run folders dcgan, nobn and mlp (train.py --generator NAME --out
+RUNS_FOLDER/NAME).
 """
+
 import sys
 from pathlib import Path
 
@@ -12,7 +16,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import support
 
-WINDOW = 51  # running median, as the official README smooths its curves (101 points there, over longer runs)
+# running median, as the official README smooths its curves (101 points there, over longer runs)
+WINDOW = 51
+# each run folder's name, its curve's label, its colour
+RUNS = [
+    ("dcgan", "DCGAN G (Fig. 5)", "C0"),
+    ("nobn", "no batch norm, constant width (Fig. 6)", "C1"),
+    ("mlp", "ReLU MLP, 4 x 512 (Fig. 7)", "C2"),
+]
 
 
 def estimates(run):
@@ -24,14 +35,14 @@ def estimates(run):
 
 def running_median(values, window=WINDOW):
     half = window // 2
-    return np.array([np.median(values[max(0, i - half):i + half + 1]) for i in range(len(values))])
+    windows = (values[max(0, i - half) : i + half + 1] for i in range(len(values)))
+    return np.array([np.median(window) for window in windows])
 
 
 def main(runs, out):
     plt = support.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    for (name, label), color in zip([("dcgan", "DCGAN G (Fig. 5)"), ("nobn", "no batch norm, constant width (Fig. 6)"),
-                                     ("mlp", "ReLU MLP, 4 x 512 (Fig. 7)")], ["C0", "C1", "C2"]):
+    for name, label, color in RUNS:
         steps, values = estimates(Path(runs) / name)
         ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.6)
         ax.plot(steps, running_median(values), color=color, label=label)

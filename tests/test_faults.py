@@ -28,7 +28,7 @@ def write_checkpoints(folder, root):
         "other_folder.pt": ({**good, "folder": other}, f"{other}/train.py"),
         "other_format.pt": ({**good, "format": support.FORMAT + 1}, "format"),
         "truncated.pt": ((root / "whole.pt").read_bytes()[:200], unreadable),
-        "pickled.pt": ({**good, "rng": np.random.get_state()}, "only pickle"),
+        "pickled.pt": ({**good, "rng": np.random.get_state()}, "needs pickle"),
     }
     for name, (content, _) in contents.items():
         if isinstance(content, bytes):
@@ -63,8 +63,8 @@ def test_files_that_are_not_this_folders_checkpoints_are_refused_by_every_entry_
 
 def test_random_bytes_are_called_unreadable_not_a_pickle_refused(tmp_path, capsys):
     """torch.load(weights_only=True) raises UnpicklingError for bytes that are no pickle at all as
-    for a pickle of objects it refuses; only the latter "holds objects that only pickle loads"
-    (pickled.pt above). support.py is the same in every folder: DCGAN stands for all."""
+    for a pickle of objects it refuses; only the latter "needs pickle" (pickled.pt above).
+    support.py is the same in every folder: DCGAN stands for all."""
     dcgan, path = load_folder("DCGAN"), tmp_path / "random.pt"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     for module, args in (

@@ -23,9 +23,8 @@ def test_fp32_turns_tf32_off_and_tf32_turns_it_on(folder, tiny_mnist_root, tmp_p
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         quick_run(folder, tiny_mnist_root, tmp_path / "fp32", "--max-steps", 1)
         assert tf32() == (False, False)
-        quick_run(
-            folder, tiny_mnist_root, tmp_path / "tf32", "--max-steps", 1, "--precision", "tf32"
-        )
+        tf32_run = ["--max-steps", 1, "--precision", "tf32"]
+        quick_run(folder, tiny_mnist_root, tmp_path / "tf32", *tf32_run)
         assert tf32() == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
@@ -57,15 +56,12 @@ def test_bf16_steps_compute_in_bfloat16_keep_float32_state_and_resume(
     checkpoint = load_checkpoint(run)
     state = [*checkpoint["G"].values(), *checkpoint["D"].values()]
     assert {t.dtype for t in state if t.is_floating_point()} == {torch.float32}
-    assert run_main(load_folder(folder).train, "--resume", run, "--max-steps", 3) == 0
+    train = load_folder(folder).train
+    assert run_main(train, "--resume", run, "--max-steps", 3) == 0
     assert load_checkpoint(run)["step"] == 3
     # the precision is where and how fast, not what: --resume may change it
-    assert (
-        run_main(
-            load_folder(folder).train, "--resume", run, "--max-steps", 4, "--precision", "fp32"
-        )
-        == 0
-    )
+    assert run_main(train, "--resume", run, "--max-steps", 4, "--precision", "fp32") == 0
+    assert load_checkpoint(run)["step"] == 4
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
