@@ -57,10 +57,8 @@ def fail(message, code=2):
 
 def reason(error):
     """What went wrong, in one line: the last non-empty line of an error's message."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return "the disk is full"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+    if isinstance(error, OSError) and (error.errno == errno.ENOSPC or error.strerror):
+        return "the disk is full" if error.errno == errno.ENOSPC else error.strerror
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -75,8 +73,7 @@ def stop_in_one_line(main):
 
 # Flags that existed once, each with what replaces it.
 REMOVED = {
-    "--data-on": "the set goes to the GPU when it fits in half of its free memory, else each "
-    "batch is gathered from the set in host memory or its memory map",
+    "--data-on": "the set goes to the GPU when it fits, else batches come from host memory",
     "--channels-last": "convolutions run in PyTorch's default memory layout",
     "--path": "--interpolate walks the straight line, as both papers do",
 }
@@ -90,8 +87,7 @@ class FlagParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         for arg in sys.argv[1:] if args is None else args:
-            name = str(arg).split("=")[0]
-            if name in REMOVED:
+            if (name := str(arg).split("=")[0]) in REMOVED:
                 self.error(f"{name} was removed: {REMOVED[name]}")
         return super().parse_known_args(args, namespace)
 
@@ -170,10 +166,7 @@ def write_atomically(path, data):
 
 def unwritable(folder):
     """Why `folder` cannot be created or written to, or None; nothing is created to find out."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        return "exists and is not a folder"
-    parent = next(p for p in [folder, *folder.parents] if p.exists())
+    parent = next(p for p in [Path(folder), *Path(folder).parents] if p.exists())
     if not parent.is_dir():
         return f"{parent} is not a folder"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
@@ -518,6 +511,7 @@ class Run:
                 ]
                 imageio.imwrite(self.out / "progress.gif", gif, duration=250, loop=0)
             self.events.file.close()
+        self.lock.release()  # the folder is free for the next run, also in this process
         if self.stopped_by is not None:
             again = f"python {Path(sys.argv[0]).name} --resume {shlex.quote(str(self.out))}"
             name = signal.Signals(self.stopped_by).name
@@ -583,9 +577,8 @@ class Separated:
     def __call__(self, scalars, step):
         (real, real_target), (fake, fake_target) = self.real, self.fake
         gap = real_target - fake_target
-        real_at = (scalars[real] - fake_target) / gap
-        fake_at = (scalars[fake] - fake_target) / gap
-        if real_at >= 1 - WIN_MARGIN and fake_at <= WIN_MARGIN:
+        at = {name: (scalars[name] - fake_target) / gap for name in (real, fake)}
+        if at[real] >= 1 - WIN_MARGIN and at[fake] <= WIN_MARGIN:
             return f"D wins outright: {real} {scalars[real]:.4g}, {fake} {scalars[fake]:.4g}"
         return None
 
@@ -608,8 +601,7 @@ class RunsAway:
 
 
 class Health:
-    """Says on stderr, and as TensorBoard text "health", when `sign(scalars, step)` (Separated or
-    RunsAway) has held for HEALTH_STRETCH steps, and again after each further stretch."""
+    """Says (on stderr, as TensorBoard text "health") when `sign` held HEALTH_STRETCH steps."""
 
     def __init__(self, events, sign):
         self.events, self.sign, self.since, self.said = events, sign, None, 0
@@ -710,30 +702,38 @@ def load_weights(parser, net, weights, what):
 
 
 def write_images(generate, inputs, out, single, nrow=None, names=None, step=None):
-    """generate(*inputs) (images in [0, 1]) as one grid PNG, or with `single` one PNG each, CHUNK
-    at a time; each file is created exclusively: two commands on one --out cannot both succeed."""
-    out, num, written = Path(out), len(inputs[0]), 0
+    """generate(*inputs) (in [0, 1]) as a grid PNG, or with `single` one PNG each, CHUNK at a
+    time; each whole or not at all, exclusively: two commands on one --out cannot both succeed."""
+    out, num = Path(out), len(inputs[0])
     try:
         with torch.no_grad():
             (out if single else out.parent).mkdir(parents=True, exist_ok=True)
             if not single:
                 nrow = nrow or math.ceil(math.sqrt(num))
-                grid = vutils.make_grid(generate(*inputs), nrow=nrow, padding=2)
-                with open(out, "xb") as file:
-                    vutils.save_image(grid, file, format="png")
-            for chunk in zip(*(t.split(CHUNK) for t in inputs)) if single else ():
-                for image in generate(*chunk):
-                    with open(out / (names[written] if names else f"{written:05d}.png"), "xb") as f:
-                        vutils.save_image(image, f, format="png")
-                    written += 1
+                write_png(vutils.make_grid(generate(*inputs), nrow=nrow, padding=2), out)
+            chunks = zip(*(t.split(CHUNK) for t in inputs)) if single else ()
+            for i, image in enumerate(x for chunk in chunks for x in generate(*chunk)):
+                write_png(image, out / (names[i] if names else f"{i:05d}.png"))
     except FileExistsError as error:
         fail(f"{error.filename} appeared while writing: another command writes to --out {out}")
     except OSError as error:
         fail(f"cannot write {out}: {reason(error)}")
     except KeyboardInterrupt:
+        written = len(list(out.glob("*.png"))) if single else 0
         fail(f"stopped by Ctrl-C after writing {written} of {num} images to {out}", code=130)
     if step is not None:
         print(f"wrote {num} samples of step {step} to {out}")
+
+
+def write_png(image, path):
+    """`image` as a PNG at `path`, whole or not at all, and never over another file."""
+    buffer, temporary = io.BytesIO(), path.with_name(path.name + ".tmp")
+    vutils.save_image(image, buffer, format="png")
+    try:
+        temporary.write_bytes(buffer.getbuffer())
+        os.link(temporary, path)  # FileExistsError when `path` exists: nothing is overwritten
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def inspect(args, checkpoint, draw, draw_z, images, labels=None):
