@@ -226,10 +226,13 @@ def test_a_walk_holds_one_dropout_mask_per_row():
     # two rows (digits 0 and 1), each with the same z at adjacent steps
     z, rows = torch.stack([z0, z0, z1, z1, z1]), torch.tensor([0, 0, 1, 1, 1])
     images = draw(z, rows)
-    assert torch.equal(images[0], images[1]) and torch.equal(images[2], images[4])
+    # equal up to rounding (a threaded matrix product may round rows at other batch positions apart,
+    # and the scaled weights amplify it)
+    assert torch.allclose(images[0], images[1], atol=1e-3)
+    assert torch.allclose(images[2], images[4], atol=1e-3)
     # ... where fresh masks, drawn per image, would make them differ
     fresh = cgan.model.sample(G, z, rows % 10, dropout=True)
-    assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[2], fresh[3])
+    assert (fresh[0] - fresh[1]).abs().max() > 0.1 and (fresh[2] - fresh[3]).abs().max() > 0.1
     # each image is G's sample of its z under its row's masks
     for i, row in enumerate(rows.tolist()):
         held = [m[row : row + 1] for m in masks]
