@@ -39,42 +39,19 @@ NOISE_BOUND = math.sqrt(math.pi / 2)
 EVAL_PAIRS, TRACE_PAIRS, TRACE_EVERY, EVAL_SEED = 20_000, 2048, 100, 2017
 # settled: from then on, every 1,000 iterations move the traced estimate by less than 0.02
 SETTLE_WINDOW, SETTLE_TOLERANCE = 1000, 0.02
-# --figure 1a trains every --seeds critic on this set (where W1 is known to +-0.02: lower_bound)
+# --figure 1a trains every --seeds critic on this set (lower_bound is W1 there within 0.035)
 TABLE_SET = "8gaussians"
 SPIRAL_POINTS = 2000  # the noise-free Swiss roll that the distance bound uses (spacing 0.006)
 # The flags each mode takes, besides EVERY_MODE's
 APPLIES = {
-    "none": {
-        "dataset",
-        "constraint",
-        "clip",
-        "n_critic",
-        "iters",
-        "max_steps",
-        "resume",
-        "sample_every",
-        "log_every",
-        "checkpoint_every",
-        "eval_every",
-        "precision",
-        "compile",
-        "channels_last",
-    },
+    "none": set(
+        "dataset constraint clip n_critic iters max_steps resume sample_every log_every "
+        "checkpoint_every eval_every precision compile channels_last".split()
+    ),
     "1a": {"clip", "critic_iters", "seeds", "sets"},
     "1b": {"n_critic", "iters"},
 }
-EVERY_MODE = {
-    "figure",
-    "seed",
-    "device",
-    "out",
-    "batch_size",
-    "lr",
-    "beta1",
-    "lambda_gp",
-    "width",
-    "depth",
-}
+EVERY_MODE = set("figure seed device out batch_size lr beta1 lambda_gp width depth".split())
 
 
 class MLP(nn.Module):
@@ -297,6 +274,17 @@ def eval_pairs(dataset, n, device):
     return real.to(device), torch.randn(n, 2, generator=generator).to(device)
 
 
+def positive_from(trace):
+    """The first traced iteration from which every traced estimate is above 0 (the critic scores
+    the real points above the fakes); None when the last one is not."""
+    first = None
+    for t, value in reversed(trace):
+        if value <= 0:
+            break
+        first = t
+    return first
+
+
 def settled_at(trace, window=SETTLE_WINDOW, tolerance=SETTLE_TOLERANCE):
     """The first traced iteration t from which the estimate E stops moving: t and every later
     traced t' have |E(t') - E(t' - window)| < tolerance. None when the last one still moves, or
@@ -442,7 +430,8 @@ def fixed_generator_critic(dataset, constraint, seed, args, device):
     iterations against G held fixed at the real data plus N(0, I) noise (each batch's fakes are
     its own real points plus noise). Returns (D, its record): the bowl and estimate at the start,
     the estimate traced every TRACE_EVERY iterations, the end estimate on all EVAL_PAIRS, the
-    bounds and their check, whether it stalled (end estimate <= 0) and when it settled."""
+    bounds and their check, whether it stalled (end estimate <= 0), from when its estimate stayed
+    above 0 and when it settled."""
     args = argparse.Namespace(**{**vars(args), "constraint": constraint})
     torch.manual_seed(seed)  # the critic's initialisation and the penalty's eps
     D = MLP(2, 1, args.width, args.depth).to(device)
@@ -466,7 +455,8 @@ def fixed_generator_critic(dataset, constraint, seed, args, device):
             trace.append((i, estimate_on(D, real[:TRACE_PAIRS], fake[:TRACE_PAIRS])))
     bounds, end = noise_bounds(real, noise, dataset), estimate_on(D, real, fake)
     record.update(end_estimate=end, **bounds, check=check(end, bounds), stalled=end <= 0)
-    record.update(settled_at=settled_at(trace), cpu_seconds=time.process_time() - started)
+    record.update(positive_from=positive_from(trace), settled_at=settled_at(trace))
+    record["cpu_seconds"] = time.process_time() - started
     record["trace"] = trace
     return D, record
 
@@ -481,15 +471,16 @@ def table(records):
     """The records as printed lines: a header, then one line per critic."""
     lines = [
         f"{'set':<12} {'constraint':<10} {'seed':>4} {'bowl':>6} {'start':>7} {'end':>7} "
-        f"{'lower':>6} {'upper':>6} {'stalled':>7} {'settled at':>10}  check"
+        f"{'lower':>6} {'upper':>6} {'stalled':>7} {'> 0 from':>8} {'settled at':>10}  check"
     ]
     for r in records:
         settled = "-" if r["settled_at"] is None else r["settled_at"]
+        positive = "-" if r["positive_from"] is None else r["positive_from"]
         lines.append(
             f"{r['set']:<12} {r['constraint']:<10} {r['seed']:>4} {r['start_bowl']:>6.2f} "
             f"{short(r['start_estimate']):>7} {short(r['end_estimate']):>7} "
             f"{r['lower_bound']:>6.3f} {r['upper_bound']:>6.3f} "
-            f"{'yes' if r['stalled'] else 'no':>7} {settled:>10}  {r['check']}"
+            f"{'yes' if r['stalled'] else 'no':>7} {positive:>8} {settled:>10}  {r['check']}"
         )
     return lines
 
@@ -498,8 +489,9 @@ def figure_1a(args, device, out):
     """Value surfaces of critics trained against a fixed G: weight clipping (top) and the penalty
     (bottom). The penalty's critic on TABLE_SET is trained at every seed of --seeds (the seed
     table) and drawn at the first that did not stall; on the other sets seeds are tried in order
-    until one does not stall. Clipping uses the first seed. The first stalled seed, if any, gets a
-    last column: as initialised (top) and trained (bottom)."""
+    until one does not stall. Clipping uses the first seed. The first seed whose critic started
+    bowl-shaped (a negative start estimate), if any, gets a last column: as initialised (top)
+    and trained (bottom)."""
     seeds = args.seeds or [args.seed]
     records, critics, shown = [], {}, {}
     for dataset in args.sets:
@@ -522,8 +514,7 @@ def figure_1a(args, device, out):
     for (constraint, dataset, seed), D in critics.items():
         path = out / "critics" / f"{dataset}_{constraint}_seed{seed}.pt"
         write_file(path, D.state_dict())
-    stalled = next((r for r in records if r["constraint"] == "gp" and r["stalled"]), None)
-    draw_figure_1a(args, device, critics, records, shown, stalled, out / "figure_1a.png")
+    draw_figure_1a(args, device, critics, records, shown, out / "figure_1a.png")
     return {
         "critic_iters": args.critic_iters,
         "lambda_gp": args.lambda_gp,
@@ -536,9 +527,11 @@ def figure_1a(args, device, out):
     }
 
 
-def draw_figure_1a(args, device, critics, records, shown, stalled, path):
-    """figure_1a's panels, each titled with its seed, end estimate and lower bound."""
-    columns = [*args.sets, *(["stalled"] if stalled else [])]
+def draw_figure_1a(args, device, critics, records, shown, path):
+    """figure_1a's panels, each titled with its seed, its estimate and the lower bound."""
+    penalised = [r for r in records if r["constraint"] == "gp"]
+    bowl_start = next((r for r in penalised if r["start_estimate"] < 0), None)
+    columns = [*args.sets, *(["bowl"] if bowl_start else [])]
     size = (3.2 * len(columns), 6.8)
     fig, axes = support.pyplot().subplots(2, len(columns), figsize=size, squeeze=False)
     clipped = {r["set"]: r for r in records if r["constraint"] == "clip"}
@@ -551,25 +544,33 @@ def draw_figure_1a(args, device, critics, records, shown, stalled, path):
     def numbers(record, estimate="end_estimate"):
         return f"estimate {short(record[estimate], 2)}, W1 >= {record['lower_bound']:.2f}"
 
+    def trained(record):
+        name = "weight clipping" if record["constraint"] == "clip" else "penalty"
+        note = ": stalled" if record["stalled"] else ""
+        return f"{record['set']}, {name}, seed {record['seed']}{note}\n{numbers(record)}"
+
     for column, dataset in enumerate(columns):
-        if dataset == "stalled":
-            seed, where = stalled["seed"], stalled["set"]
-            torch.manual_seed(seed)
-            initial = MLP(2, 1, args.width, args.depth).to(device)
-            title = f"{where}, seed {seed} as initialised\n{numbers(stalled, 'start_estimate')}"
-            panel(axes[0, column], initial, stalled, title)
-            title = f"{where}, penalty, seed {seed}: stalled\n{numbers(stalled)}"
-            panel(axes[1, column], critics["gp", where, seed], stalled, title)
+        if dataset != "bowl":
+            for row, record in enumerate((clipped[dataset], shown[dataset])):
+                D = critics[record["constraint"], dataset, record["seed"]]
+                panel(axes[row, column], D, record, trained(record))
             continue
-        for row, record in enumerate((clipped[dataset], shown[dataset])):
-            name = "weight clipping" if record["constraint"] == "clip" else "penalty"
-            note = ": stalled" if record["stalled"] else ""
-            title = f"{dataset}, {name}, seed {record['seed']}{note}\n{numbers(record)}"
-            D = critics[record["constraint"], dataset, record["seed"]]
-            panel(axes[row, column], D, record, title)
+        seed, where = bowl_start["seed"], bowl_start["set"]
+        torch.manual_seed(seed)
+        initial = MLP(2, 1, args.width, args.depth).to(device)
+        title = f"{where}, seed {seed} as initialised\n{numbers(bowl_start, 'start_estimate')}"
+        panel(axes[0, column], initial, bowl_start, title)
+        if bowl_start is shown[where]:  # drawn already
+            axes[1, column].axis("off")
+            continue
+        title = trained(bowl_start)
+        if bowl_start["positive_from"] is not None:
+            title = title.replace("\n", f", above 0 from {bowl_start['positive_from']}\n")
+        panel(axes[1, column], critics["gp", where, seed], bowl_start, title)
     fig.suptitle(
         f"Critics after {args.critic_iters} iterations against G = data + N(0, I), so "
-        f"W1 <= {NOISE_BOUND:.2f}; penalty lambda = {args.lambda_gp:g}, width {args.width}",
+        f"W1 <= {NOISE_BOUND:.2f}; penalty lambda = {args.lambda_gp:g}, Adam beta1 "
+        f"{args.beta1:g}, width {args.width}",
         fontsize=9,
     )
     support.save_figure(fig, path)
@@ -633,13 +634,8 @@ def main(argv=None):
     parser = build_parser()
     refuse_strays(parser, argv)
     args, checkpoint = support.parse_args(parser, argv, FOLDER, check_args, resumable={"iters"})
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     if args.figure == "none":
         return train_gan(args, checkpoint, device)
@@ -666,7 +662,8 @@ def main(argv=None):
         f"start and end: the estimate E D(real) - E D(real + noise) on {EVAL_PAIRS} pairs; "
         f"bowl: the correlation of D at the start with the distance to the data; lower: "
         f"E d(fake, data) - E d(real, data) <= W1; upper: W1 <= E|noise| = sqrt(pi / 2); "
-        f"stalled: end <= 0; settled at: the iteration from which every {SETTLE_WINDOW} "
+        f"stalled: end <= 0; > 0 from: the iteration from which the traced estimate stays above "
+        f"0; settled at: the iteration from which every {SETTLE_WINDOW} "
         f"iterations move the estimate less than {SETTLE_TOLERANCE} (-: not by the end)\n"
         f"{numbers['cpu_seconds']:.0f} s of CPU; figure and metrics.json in {out}"
     )

@@ -238,6 +238,12 @@ def test_settling_is_read_over_the_window(toy):
     assert toy.settled_at(wobble) == 1000
 
 
+def test_the_estimate_turns_positive_for_good(toy):
+    assert toy.positive_from([(0, -0.4), (100, 0.1), (200, -0.1), (300, 0.2), (400, 0.5)]) == 300
+    assert toy.positive_from([(0, 0.3), (100, 0.5)]) == 0
+    assert toy.positive_from([(0, 0.3), (100, -0.2)]) is None
+
+
 # ---- Figure 1(a) ----
 
 
@@ -251,6 +257,7 @@ def test_a_fixed_generator_critic_is_its_seeds_and_reads_its_bounds(toy):
     assert first["end_estimate"] == again["end_estimate"] != other["end_estimate"]
     assert [t for t, _ in first["trace"]] == [0, 100, 200] and first["settled_at"] is None
     assert first["stalled"] == (first["end_estimate"] <= 0)
+    assert first["positive_from"] == toy.positive_from(first["trace"])
     assert first["check"] == toy.check(first["end_estimate"], first)
     assert first["upper_bound"] == toy.NOISE_BOUND and 0.8 < first["lower_bound"] < 0.86
 
