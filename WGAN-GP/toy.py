@@ -46,7 +46,7 @@ SPIRAL_POINTS = 2000  # the noise-free Swiss roll that the distance bound uses (
 APPLIES = {
     "none": set(
         "dataset constraint clip n_critic iters max_steps resume sample_every log_every "
-        "checkpoint_every eval_every precision compile channels_last".split()
+        "checkpoint_every eval_every precision compile".split()
     ),
     "1a": {"clip", "critic_iters", "seeds", "sets"},
     "1b": {"n_critic", "iters"},

@@ -131,7 +131,7 @@ def add_run_flags(p, sample_every=500, log_every=50, checkpoint_every=500, sourc
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"), help=PRECISION)
     p.add_argument("--compile", action=ON_OFF, default=False, help="torch.compile the networks")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
-    p.add_argument("--out", help="run folder (default: runs/<date-time>)")
+    p.add_argument("--out", help="run folder (default: runs/<date-time>-<process number>)")
     p.add_argument("--resume", help="a run folder or checkpoint to continue exactly")
     for name, default, what in (
         ("sample_every", sample_every, "steps between fixed-noise sample grids"),
